@@ -1,0 +1,128 @@
+"""Config nodes -> plain objects (device, data, model, optimizer, scheduler).
+
+The only module besides cli.py that reads group configs; everything it returns knows nothing of Hydra.
+User plug-ins arrive here as `_target_`s: errors locating or calling them become one-line messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from sam_runner.data import BatchStream, infer_num_classes, materialize
+from sam_runner.errors import ConfigError, DataError
+from sam_runner.optim import SAM
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible: use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (no loss scaling needed), fp32 on the CPU."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def _partial(node: DictConfig, where: str) -> Callable[..., Any]:
+    """The callable a `_target_` node names, with its keys bound; calling it later raises its own errors."""
+    try:
+        return instantiate(node, _partial_=True)
+    except InstantiationException as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"{where}._target_: {reason} (check the dotted path and that its module is importable)") from None
+
+
+@dataclass
+class Data:
+    """The streams a run reads. Eval streams are unaugmented; `sharpness` is a fixed, seeded subset."""
+
+    train: BatchStream
+    train_eval: BatchStream
+    test: BatchStream
+    sharpness: list[tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def _seeded_subset(inputs: torch.Tensor, targets: torch.Tensor, size: int | None, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    if size is None or size >= len(targets):
+        return inputs, targets
+    chosen = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:size]
+    return inputs[chosen], targets[chosen]
+
+
+def build_data(cfg: DictConfig, settings: DictConfig, device: torch.device) -> Data:
+    make_datasets = _partial(cfg.dataset.source, "dataset.source")
+    try:
+        train_set, test_set = make_datasets()
+    except (TypeError, ValueError) as error:
+        raise DataError(f"dataset.source ({cfg.dataset.source._target_}) failed: {error}; it must return a "
+                        f"(train, test) pair of Datasets") from None
+    x_train, y_train = materialize(train_set)
+    x_test, y_test = materialize(test_set)
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise DataError(f"dataset {cfg.dataset.name}: the training or test set is empty")
+    num_classes = cfg.dataset.num_classes or infer_num_classes(y_train)
+    common = {"device": device, "normalize": cfg.dataset.normalize, "seed": settings.seed}
+    train = BatchStream(x_train, y_train, batch_size=settings.batch_size, shuffle=True,
+                        augment=cfg.dataset.augment, **common)
+    x_eval, y_eval = _seeded_subset(x_train, y_train, settings.eval.train_subset, settings.seed)
+    train_eval = BatchStream(x_eval, y_eval, batch_size=settings.eval.batch_size, shuffle=False, **common)
+    test = BatchStream(x_test, y_test, batch_size=settings.eval.batch_size, shuffle=False, **common)
+    x_sharp, y_sharp = _seeded_subset(x_train, y_train, settings.sharpness.num_samples, settings.seed + 1)
+    sharpness = list(BatchStream(x_sharp, y_sharp, batch_size=settings.sharpness.batch_size, shuffle=False,
+                                 **common).epoch(0))
+    return Data(train, train_eval, test, sharpness, int(num_classes), tuple(x_train.shape[1:]))
+
+
+def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    make_model = _partial(node, "model")
+    try:
+        model = make_model(num_classes=num_classes, input_shape=tuple(input_shape))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model ({node._target_}) failed to build: {error}; a model callable takes "
+                          f"num_classes and input_shape keyword arguments") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model ({node._target_}) returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_optimizer(node: DictConfig, rho: float, model: nn.Module) -> torch.optim.Optimizer:
+    """The base optimizer alone, or SAM/ASAM wrapped around it (the `sam` node is null for plain ones)."""
+    make_base = _partial(node.base.build, "optimizer.base.build")
+    try:
+        if node.sam is None:
+            return make_base(model.parameters())
+        return SAM(model.parameters(), make_base, rho=rho, adaptive=node.sam.adaptive, eta=node.sam.eta,
+                   perturb_weight_decay=node.sam.perturb_weight_decay)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer {node.name}: {error}") from None
+
+
+def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    make_scheduler = _partial(node, "scheduler")
+    try:
+        return make_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    except TypeError as error:
+        raise ConfigError(f"scheduler ({node._target_}): {error}") from None
+
+
+def target_name(node: DictConfig) -> str:
+    """A short name for a `_target_` node: the last part of its dotted path."""
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]

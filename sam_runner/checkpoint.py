@@ -1,0 +1,66 @@
+"""Checkpoints that survive a crash at any moment, and a load that says clearly when one is unusable.
+
+A checkpoint is one plain dict (nanoGPT style). It is written to a temporary file in the same directory,
+flushed to disk, then renamed over the old one: a kill mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sam_runner.errors import CheckpointError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model", "epoch")
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    """Write through `write(file)` into a temporary sibling of `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Save a checkpoint dict; the file at `path` is always either the old or the new checkpoint."""
+    _replace_atomically(path, lambda file: torch.save({"format_version": FORMAT_VERSION, **state}, file))
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """JSON files (summary.json, run.json) are replaced atomically too, so readers never see half a file."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    _replace_atomically(path, lambda file: file.write(text.encode()))
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; any problem becomes a `CheckpointError` naming the file and the fix."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: check the path (runs write checkpoints/last.pt)")
+    try:
+        # weights_only: a checkpoint holds tensors and plain containers, never code to run.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a sam-runner checkpoint ({reason}): "
+                              f"delete it or point to another one") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by sam-runner")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state['format_version']}, newer than this "
+                              f"sam-runner reads ({FORMAT_VERSION}): upgrade sam-runner")
+    return state

@@ -1,0 +1,168 @@
+"""Entry points (`sam-run`, `sam-measure`): the one place that turns exceptions into clear messages and exit codes.
+
+`sam-run` is a Hydra app. Before Hydra starts any job, a pre-flight composes the config once for every value
+of every override (a sweep's values one at a time) and validates it, so a typo, a bad type, rho < 0 or an
+unknown group option stops everything with one line and exit code 2 before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from sam_runner import config as config_schema
+from sam_runner.errors import ConfigError, SamRunnerError
+
+EXIT_USAGE = 2
+# The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
+PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
+
+
+def _config_dir() -> str:
+    """configs/ ships inside the package (pip install .) or sits beside it in the repository (pip install -e .)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"sam-runner is installed without its configs (looked in {package}); reinstall it")
+
+
+CONFIG_DIR = _config_dir()
+# Run directories named after a job's overrides must not nest: `optimizer/base=adamw` has a slash.
+OmegaConf.register_new_resolver("path_safe", lambda text: str(text).replace("/", "-"), replace=True)
+
+
+def _fail(error: Exception, program: str = "sam-run") -> None:
+    print(f"{program}: error: {error}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(line for line in lines if not line.startswith(("full_key", "object_type", "Set the env")))
+
+
+def _explain_compose_error(error: Exception) -> ConfigError:
+    """Hydra's composition errors span several lines; say the same in one."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, choice = error.missing_cfg_file.rpartition("/")
+        return ConfigError(f"unknown {group} '{choice}'; choose one of: {', '.join(sorted(error.options))}")
+    message = _one_line(error)
+    if "Could not override" in message or "not in struct" in message:
+        key = message.split("'")[1] if "'" in message else "?"
+        return ConfigError(f"unknown key '{key}' (a typo? `sam-run --cfg job` lists the keys; `+{key}=...` adds a new one)")
+    return ConfigError(message)
+
+
+def _override_variants(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Split overrides into the fixed ones and, for each sweep value, a single-value override to check."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    variants: list[list[str]] = [[]]
+    for override in parsed:
+        if override.is_discrete_sweep():
+            key = override.get_key_element()
+            variants += [[f"{key}={value}"] for value in override.sweep_string_iterator()]
+    return fixed, variants
+
+
+def _first_rho(overrides: list[str]) -> str | None:
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.key_or_group == "rho" and override.is_discrete_sweep():
+            return next(iter(override.sweep_string_iterator()))
+    return None
+
+
+def _check_writable(directory: Path) -> None:
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"cannot write run outputs under {existing}: choose a writable hydra.run.dir / hydra.sweep.dir")
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate every configuration the command will run, before Hydra launches anything."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own parser, so flags are read exactly as it will
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
+        return
+    try:
+        fixed, variants = _override_variants(args.overrides)
+    except HydraException as error:
+        raise ConfigError(f"cannot parse the overrides: {_one_line(error)}") from None
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for variant in variants:
+            try:
+                cfg = compose(config_name=args.config_name or "config", overrides=fixed + variant,
+                              return_hydra_config=True)
+            except (HydraException, OSError) as error:
+                raise _explain_compose_error(error) from None
+            config_schema.validate(cfg)
+            output = cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir
+            _check_writable(Path(output))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def _hydra_job(cfg: DictConfig) -> float | None:
+    """One Hydra job = one run. Returns the final test accuracy (the objective for Hydra sweepers)."""
+    from sam_runner import train  # imported here so `sam-run --help` stays fast
+
+    hydra_config = HydraConfig.get()
+    in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    try:
+        summary = train.run_experiment(cfg, Path(hydra_config.runtime.output_dir),
+                                       choices=dict(hydra_config.runtime.choices),
+                                       plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
+    except SamRunnerError as error:
+        if not in_sweep:
+            _fail(error)
+        print(f"sam-run: run {hydra_config.job.num} failed: {error}", file=sys.stderr)
+        return None
+    return summary.get("test_acc")
+
+
+def main() -> None:
+    """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
+    argv = sys.argv[1:]
+    try:
+        preflight(argv)
+    except SamRunnerError as error:
+        _fail(error)
+    if "-m" in argv or "--multirun" in argv:
+        first_rho = _first_rho([a for a in argv if not a.startswith("-")])
+        if first_rho is not None:
+            os.environ[PLAIN_RHO_ENV] = first_rho
+    _hydra_job()
+
+
+def measure_main(argv: list[str] | None = None) -> None:
+    """`sam-measure RUN_DIR`: measure the sharpness of a saved checkpoint without retraining."""
+    parser = argparse.ArgumentParser(prog="sam-measure", description=measure_main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by sam-run (holds run.json and checkpoints/)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint to measure (default: RUN_DIR/checkpoints/last.pt)")
+    parser.add_argument("--measures", help="comma-separated measure names, or `auto` (default: the run's setting)")
+    parser.add_argument("--rho", type=float, help="sharpness radius (default: the run's sharpness.rho)")
+    parser.add_argument("--num-samples", type=int, help="training samples to measure on (default: the run's setting)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: the run's device)")
+    args = parser.parse_args(argv)
+    from sam_runner import train
+
+    try:
+        result = train.measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
+                                          rho=args.rho, num_samples=args.num_samples, device=args.device)
+    except SamRunnerError as error:
+        _fail(error, "sam-measure")
+    for name, value in result.items():
+        print(f"{name:>16s}  {value:.6g}")

@@ -1,0 +1,140 @@
+"""The schema of the top-level keys and the cross-field rules, checked before anything is built.
+
+Group configs (dataset, model, optimizer, scheduler) are free-form `_target_` nodes so users can plug in
+their own; their values are checked by the builders that consume them. Everything here raises
+`ConfigError` with one line that names the key, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sam_runner.errors import ConfigError
+
+SHARPNESS_MEASURES = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class EvalSchema:
+    batch_size: int = 1024
+    train_subset: Optional[int] = None
+
+
+@dataclass
+class SharpnessSchema:
+    measures: Any = "auto"
+    rho: float = 0.05
+    every: int = 0
+    num_samples: int = 1024
+    batch_size: int = 256
+
+
+@dataclass
+class TopLevelSchema:
+    """Types of the keys users type at the top level (see configs/config.yaml for meanings and units)."""
+
+    rho: float = 0.05
+    lr: float = 0.05
+    batch_size: int = 128
+    epochs: int = 60
+    seed: int = 0
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    data_dir: str = "data"
+    label_smoothing: float = 0.0
+    max_grad_norm: Optional[float] = None
+    progress_every: int = 25
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    """OmegaConf errors carry `full_key`/`object_type` lines; keep the first line and name the key."""
+    message = str(error).splitlines()[0].strip()
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key else message
+
+
+def typed_top_level(cfg: DictConfig) -> DictConfig:
+    """Check the top-level keys against `TopLevelSchema`; return them typed (enums for device/precision)."""
+    names = [f.name for f in fields(TopLevelSchema)]
+    try:
+        values = OmegaConf.masked_copy(cfg, names)
+        return OmegaConf.merge(OmegaConf.structured(TopLevelSchema), values)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def sharpness_measures(value: Any) -> list[str] | str:
+    """`auto`, or the list of measure names (a comma-separated string is accepted from the command line)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value == "auto":
+            return "auto"
+        value = [name for name in value.split(",") if name]
+    if not isinstance(value, (list, tuple, ListConfig)):
+        raise ConfigError(f"sharpness.measures must be `auto` or a list of names (got {value!r})")
+    unknown = [name for name in value if name not in SHARPNESS_MEASURES]
+    _require(not unknown, f"sharpness.measures: unknown {unknown}; choose from {list(SHARPNESS_MEASURES)} or `auto`")
+    return list(value)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Types, ranges and cross-field rules of a composed config. Returns the typed top-level keys."""
+    top = typed_top_level(cfg)
+    _require(top.rho >= 0, f"rho must be >= 0 (got {top.rho}): it is the radius of the weight perturbation")
+    _require(top.lr > 0, f"lr must be > 0 (got {top.lr})")
+    _require(top.batch_size > 0, f"batch_size must be > 0 (got {top.batch_size})")
+    _require(top.epochs > 0, f"epochs must be > 0 (got {top.epochs})")
+    _require(0 <= top.label_smoothing < 1, f"label_smoothing must be in [0, 1) (got {top.label_smoothing})")
+    _require(top.max_grad_norm is None or top.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 or null (got {top.max_grad_norm})")
+    _require(top.progress_every > 0, f"progress_every must be > 0 (got {top.progress_every})")
+    _require(top.eval.batch_size > 0, f"eval.batch_size must be > 0 (got {top.eval.batch_size})")
+    _require(top.eval.train_subset is None or top.eval.train_subset > 0,
+             f"eval.train_subset must be > 0 or null (got {top.eval.train_subset})")
+    _require(top.sharpness.rho >= 0, f"sharpness.rho must be >= 0 (got {top.sharpness.rho})")
+    _require(top.sharpness.every >= 0, f"sharpness.every must be >= 0 epochs (got {top.sharpness.every})")
+    _require(top.sharpness.num_samples > 0, f"sharpness.num_samples must be > 0 (got {top.sharpness.num_samples})")
+    _require(top.sharpness.batch_size > 0, f"sharpness.batch_size must be > 0 (got {top.sharpness.batch_size})")
+    sharpness_measures(top.sharpness.measures)
+    _validate_optimizer(cfg, top)
+    return top
+
+
+def _validate_optimizer(cfg: DictConfig, top: DictConfig) -> None:
+    optimizer = cfg.get("optimizer")
+    _require(isinstance(optimizer, DictConfig) and "base" in optimizer and "build" in optimizer.base,
+             "optimizer must be a config from configs/optimizer/ (with a `base` optimizer node)")
+    sam = optimizer.get("sam")
+    if sam is None:
+        return
+    m = sam.get("micro_batch_size")
+    _require(m is None or (isinstance(m, int) and 0 < m <= top.batch_size),
+             f"optimizer.sam.micro_batch_size must be null or in [1, batch_size={top.batch_size}] (got {m})")
+    eta = sam.get("eta", 0.0)
+    _require(isinstance(eta, (int, float)) and eta >= 0, f"optimizer.sam.eta must be >= 0 (got {eta})")

@@ -1,0 +1,101 @@
+"""Everything a run writes besides checkpoints: TensorBoard events, metrics.jsonl, summary.json, run.json.
+
+Metric names follow one scheme everywhere: `train/*`, `test/*`, `gap/*`, `opt/*`, `sharpness/*`.
+summary.json is rewritten after every epoch, so a killed run still says how far it got.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from sam_runner.checkpoint import write_json_atomic
+
+# Final metrics shown in TensorBoard's HParams table (summary.json key -> scalar tag).
+HPARAM_METRICS = {"train_acc": "train/acc", "test_acc": "test/acc", "gap_acc": "gap/acc",
+                  "train_loss": "train/loss", "test_loss": "test/loss", "gap_loss": "gap/loss"}
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_sha() -> str | None:
+    """The commit of the sam-runner source, when it runs from a git checkout (editable installs)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a run ran: enough to explain a difference between two runs."""
+    info: dict[str, Any] = {
+        "host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform(),
+        "git_sha": _git_sha(),
+        "versions": {name: _package_version(name) for name in
+                     ("sam-runner", "torch", "torchvision", "hydra-core", "omegaconf", "mnist1d")},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = {"name": torch.cuda.get_device_name(device), "capability": torch.cuda.get_device_capability(device),
+                        "cuda_version": torch.version.cuda}
+    return info
+
+
+class Logbook:
+    """Writes one run's records into its run directory."""
+
+    def __init__(self, run_dir: Path, hparams: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.hparams = hparams
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(log_dir=str(run_dir))
+        self._metrics_file = (run_dir / "metrics.jsonl").open("a")
+
+    def write_run_info(self, argv: list[str], resolved_config: dict[str, Any], device: torch.device) -> None:
+        write_json_atomic({"argv": argv, "config": resolved_config, **environment(device)}, self.run_dir / "run.json")
+
+    def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step."""
+        for tag, value in metrics.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+        self._metrics_file.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
+        self._metrics_file.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic({**summary, **self.hparams}, self.run_dir / "summary.json")
+
+    def close(self, summary: dict[str, Any]) -> None:
+        """Write the HParams record into this run's own event file (add_hparams would make a second run)."""
+        metrics = {tag: summary[key] for key, tag in HPARAM_METRICS.items()
+                   if isinstance(summary.get(key), (int, float)) and math.isfinite(summary[key])}
+        hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                   for key, value in self.hparams.items()}
+        for event in hparams_summary(hparams, metrics):
+            self._writer.file_writer.add_summary(event)
+        self._writer.close()
+        self._metrics_file.close()
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
