@@ -1,0 +1,86 @@
+"""Models: output shapes, parameter counts against the references, input-shape checks, model YAMLs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from sam_runner import models
+from sam_runner.errors import ConfigError
+
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+IMAGE, SEQUENCE = (3, 32, 32), (1, 40)
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Parameter counts for 10 classes. References: ResNet-18 11.2M (REFERENCE §7), WRN-16-8 ~11.0M and WRN-28-10
+# ~36.5M (Zagoruyko & Komodakis), the MNIST-1D CNN's 125-feature linear head (Greydanus), C1 with 64*8*8 -> 384.
+@pytest.mark.parametrize("builder, shape, options, params", [
+    (models.resnet18, IMAGE, {}, 11_173_962),
+    (models.wide_resnet, IMAGE, {"depth": 16, "widen_factor": 8}, 10_961_370),
+    (models.keskar_c1, IMAGE, {}, 1_756_682),
+    (models.cnn1d, SEQUENCE, {}, 5_210),
+    (models.mlp, SEQUENCE, {}, 15_210),
+    (models.mlp, (1, 28, 28), {"hidden": [512] * 5}, 784 * 512 + 4 * 512 * 512 + 512 * 10 + 5 * 512 + 10),
+], ids=["resnet18", "wrn16_8", "keskar_c1", "cnn1d", "mlp", "mlp_f1"])
+def test_builder_maps_inputs_to_logits(builder, shape, options, params):
+    model = builder(num_classes=10, input_shape=shape, **options)
+    assert count(model) == params
+    logits = model(torch.randn(2, *shape))
+    assert logits.shape == (2, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_wrn28_10_parameter_count():
+    model = models.wide_resnet(num_classes=10, input_shape=IMAGE, depth=28, widen_factor=10)
+    assert count(model) == 36_479_194
+
+
+def test_num_classes_and_channels_follow_the_arguments():
+    model = models.wide_resnet(num_classes=100, input_shape=(1, 16, 16), depth=10, widen_factor=1, dropout=0.3)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 100)
+    assert models.cnn1d(num_classes=3, input_shape=(2, 64))(torch.randn(2, 2, 64)).shape == (2, 3)
+
+
+def test_dummy_forward_leaves_batchnorm_untouched():
+    model = models.keskar_c1(num_classes=10, input_shape=IMAGE)
+    assert model.training
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert int(bn.num_batches_tracked) == 0 and torch.all(bn.running_mean == 0)
+
+
+@pytest.mark.parametrize("build, problem", [
+    (lambda: models.resnet18(num_classes=10, input_shape=SEQUENCE), "needs image inputs"),
+    (lambda: models.keskar_c1(num_classes=10, input_shape=SEQUENCE), "needs image inputs"),
+    (lambda: models.cnn1d(num_classes=10, input_shape=IMAGE), "needs sequence inputs"),
+    (lambda: models.wide_resnet(num_classes=10, input_shape=IMAGE, depth=20), "6n \\+ 4"),
+    (lambda: models.wide_resnet(num_classes=10, input_shape=IMAGE, dropout=1.0), "dropout"),
+])
+def test_bad_shapes_and_settings_are_config_errors(build, problem):
+    with pytest.raises(ConfigError, match=problem):
+        build()
+
+
+@pytest.mark.parametrize("path", sorted(MODEL_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_model_yaml_instantiates(path):
+    text = path.read_text()
+    assert text.startswith("# ")
+    for line in text.splitlines():
+        assert not line.strip() or "#" in line, f"uncommented key in {path.name}: {line!r}"
+    cfg = OmegaConf.load(path)
+    assert "num_classes" not in cfg and "input_shape" not in cfg  # the trainer passes those
+    if path.stem == "custom":
+        assert OmegaConf.is_missing(cfg, "_target_")
+        return
+    shape = SEQUENCE if path.stem in ("cnn1d", "mlp") else IMAGE
+    model = instantiate(cfg, num_classes=10, input_shape=shape)
+    if path.stem != "wrn28_10":  # 36.5M parameters: its count is checked above, a forward is slow on CPU
+        assert model(torch.randn(2, *shape)).shape == (2, 10)
