@@ -12,7 +12,6 @@ import math
 import numbers
 import os
 import random
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from sam_runner.checkpoint import _replace_atomically
 from sam_runner.errors import ConfigError, DataError
 
 
@@ -115,22 +115,9 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
             random.setstate(python_state)
         arrays = {key: torch.as_tensor(generated[key]) for key in ("x", "y", "x_test", "y_test")}
         if cache is not None:
-            _save_atomic(arrays, cache)
+            _replace_atomically(cache, lambda file: torch.save(arrays, file))  # a crash never leaves half a file
     return (TensorPairs(arrays["x"].float().unsqueeze(1), arrays["y"]),
             TensorPairs(arrays["x_test"].float().unsqueeze(1), arrays["y_test"]))
-
-
-def _save_atomic(obj: object, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
