@@ -1,0 +1,207 @@
+"""One training step, plain or SAM: BatchNorm statistics, AMP, gradient clipping and m-sharpness.
+
+A step is a function of (model, batch, optimizer) so that DDP can wrap it later. It returns 0-dim device
+tensors and never calls .item(): the trainer reads them once per logging interval. The only host sync is the
+one inside GradScaler.step, which must know whether to skip (fp16 only).
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from sam_runner.optim import SAM, global_norm
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class StepResult:
+    """What one step measured; all 0-dim detached device tensors."""
+
+    loss: Tensor  # mean criterion at clean weights (first pass)
+    correct: Tensor  # number of correct argmax predictions at clean weights
+    grad_norm: Tensor  # global L2 norm of the gradient the base optimizer steps with, before clipping
+    perturbed_loss: Tensor | None = None  # SAM only: mean criterion at w + ε
+    perturbed_correct: Tensor | None = None
+    perturbation_norm: Tensor | None = None  # SAM only: ‖ε‖₂ (mean over micro-batches with m-sharpness)
+    skipped: Tensor | None = None  # fp16 only: 1.0 if the GradScaler skipped this step (non-finite grads)
+
+
+def train_step(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    criterion: Criterion,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    max_grad_norm: float | None = None,
+    micro_batch_size: int | None = None,
+) -> StepResult:
+    """One optimizer step on (inputs, targets); the two-pass SAM step when `optimizer` is a SAM.
+
+    autocast_dtype: run forwards under torch.autocast with this dtype (bf16 needs no scaler; fp16 wants one).
+    scaler: one GradScaler for the whole step, updated exactly once.
+    max_grad_norm: clip the gradient the base optimizer uses (SAM: the second-pass gradient).
+    micro_batch_size: SAM's m-sharpness — each chunk of m samples gets its own ε.
+    """
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None
+    if isinstance(optimizer, SAM):
+        return _sam_step(model, inputs, targets, optimizer, criterion, autocast_dtype, scaler, max_grad_norm,
+                         micro_batch_size)
+    if micro_batch_size is not None:
+        raise ValueError("train_step: micro_batch_size (m-sharpness) applies to SAM only; got a "
+                         f"{type(optimizer).__name__}")
+    optimizer.zero_grad(set_to_none=True)
+    loss, correct = _forward(model, inputs, targets, criterion, autocast_dtype)
+    _backward(loss, scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = _norm_and_clip(optimizer, max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+        return StepResult(loss.detach(), correct, grad_norm)
+    scaler.step(optimizer)  # host sync inside: GradScaler reads found_inf to decide whether to step
+    scaler.update()
+    return StepResult(loss.detach(), correct, grad_norm, skipped=_non_finite(grad_norm))
+
+
+def _sam_step(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    criterion: Criterion,
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
+    micro_batch_size: int | None,
+) -> StepResult:
+    """Per chunk: clean pass → ε → perturbed pass at w + ε → restore w; then one base step with the
+    chunk-size-weighted mean of the perturbed gradients (plain SAM is one chunk, the whole batch)."""
+    n = inputs.shape[0]
+    chunks = list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size))) if micro_batch_size \
+        else [(inputs, targets)]
+    # 1/scale as a tensor (scale(1) = the scale, without a host sync), to unscale the clean-pass gradient
+    # by hand: GradScaler allows one unscale_ per optimizer per update, and that one is the second pass's.
+    inv_scale = None if scaler is None else \
+        scaler.scale(torch.ones((), device=inputs.device)).double().reciprocal().float()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    accumulated: dict[Tensor, Tensor] = {}
+    totals = dict(loss=0.0, correct=0, perturbed_loss=0.0, perturbed_correct=0, perturbation_norm=0.0)
+    for x, y in chunks:
+        weight = x.shape[0] / n
+        optimizer.zero_grad(set_to_none=True)
+        loss, correct = _forward(model, x, y, criterion, autocast_dtype)
+        _backward(loss, scaler)
+        if inv_scale is not None:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
+        optimizer.first_step(zero_grad=True)
+        gate = None
+        if scaler is not None:
+            # A non-finite clean-pass gradient must skip the whole step. Multiplying the perturbed loss by
+            # NaN (else exactly 1) makes the second-pass gradient non-finite, so GradScaler's own check
+            # skips the base step and lowers the scale; no host sync needed here.
+            gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
+        with frozen_batchnorm_stats(model):  # around backward too: autograd checks the buffers' versions
+            perturbed_loss, perturbed_correct = _forward(model, x, y, criterion, autocast_dtype)
+            _backward(perturbed_loss, scaler, gate)
+        optimizer.restore()  # after backward: autograd still needed the perturbed weights
+        if len(chunks) > 1:
+            _accumulate(accumulated, params, weight)
+        totals["loss"] += weight * loss.detach().float()
+        totals["correct"] += correct
+        totals["perturbed_loss"] += weight * perturbed_loss.detach().float()
+        totals["perturbed_correct"] += perturbed_correct
+        totals["perturbation_norm"] += optimizer.last_perturbation_norm / len(chunks)
+    for p, grad in accumulated.items():
+        p.grad = grad
+
+    if scaler is not None:
+        scaler.unscale_(optimizer.base_optimizer)
+    grad_norm = _norm_and_clip(optimizer, max_grad_norm)
+    if scaler is None:
+        optimizer.base_optimizer.step()
+        skipped = None
+    else:
+        scaler.step(optimizer.base_optimizer)  # host sync inside: GradScaler reads found_inf to decide
+        scaler.update()
+        skipped = _non_finite(grad_norm)
+    return StepResult(grad_norm=grad_norm, skipped=skipped, **totals)
+
+
+@contextmanager
+def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """Leave BatchNorm running_mean / running_var / num_batches_tracked as they were on entry.
+
+    SAM's perturbed forward must not update them (the clean pass already did). The buffer *values* are
+    saved and copied back instead of setting momentum to 0: a Python attribute that flips every step is
+    guarded by torch.compile and would force recompiles, while buffer values are invisible to guards.
+    Restoring also covers what momentum = 0 does not: num_batches_tracked, momentum=None (cumulative
+    average), and 0·NaN when an fp16 batch statistic overflows.
+    """
+    buffers = [
+        b
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if b is not None
+    ]
+    saved = [b.clone() for b in buffers]  # three small buffers per BatchNorm layer
+    try:
+        yield
+    finally:
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
+
+
+def _forward(
+    model: nn.Module, x: Tensor, y: Tensor, criterion: Criterion, autocast_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """Loss (with graph) and the number of correct argmax predictions (detached)."""
+    autocast = nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, dtype=autocast_dtype)
+    with autocast:
+        logits = model(x)
+        loss = criterion(logits, y)
+    return loss, (logits.detach().argmax(dim=-1) == y).sum()
+
+
+def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None, gate: Tensor | None = None) -> None:
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    if gate is not None:
+        loss = loss * gate
+    loss.backward()
+
+
+def _accumulate(accumulated: dict[Tensor, Tensor], params: list[Tensor], weight: float) -> None:
+    """accumulated[p] += weight · p.grad for every p with a gradient (the first time: weight · p.grad)."""
+    with_grad = [p for p in params if p.grad is not None]
+    fresh = [p for p in with_grad if p not in accumulated]
+    seen = [p for p in with_grad if p in accumulated]
+    if fresh:
+        grads = [p.grad for p in fresh]
+        torch._foreach_mul_(grads, weight)
+        accumulated.update(zip(fresh, grads))
+    if seen:
+        torch._foreach_add_([accumulated[p] for p in seen], [p.grad for p in seen], alpha=weight)
+
+
+def _norm_and_clip(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> Tensor:
+    """Global gradient norm before clipping; clips in place when max_grad_norm is set."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = global_norm([p.grad for p in params])
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm, foreach=True)
+    return norm
+
+
+def _non_finite(norm: Tensor) -> Tensor:
+    """1.0 where GradScaler skipped: its check is "any gradient non-finite", which a non-finite norm shows."""
+    return (~torch.isfinite(norm)).float()
