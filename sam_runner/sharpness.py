@@ -1,0 +1,410 @@
+"""Hessian and sharpness measures of a model at its current weights w.
+
+L(w) is the size-weighted mean of `criterion` over every sample of `batches`, with the model in eval mode.
+Everything is computed one batch at a time, so memory is bounded by one batch's (double-backward) graph plus a
+few parameter-sized vectors (and Lanczos's basis for `lambda_max`). The parameters are shifted in place and
+copied back from saved tensors, so they end bit-identical; `.grad` is never touched (`torch.autograd.grad`).
+Definitions, methods and costs: docs/sharpness.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sam_runner.errors import ConfigError
+
+__all__ = ["MEASURES", "CHEAP_PARAMETER_LIMIT", "MeasureError", "Options", "default_measures", "measure"]
+
+MEASURES = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
+CHEAP_PARAMETER_LIMIT = 1_000_000  # above it, `default_measures` drops the 100-HVP / 100-forward estimators
+COSTLY_MEASURES = ("trace", "average")
+
+Batch = tuple[Tensor, Tensor]
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+class MeasureError(ConfigError, ValueError):
+    """An unknown measure or option, or a value out of range: a config problem the user fixes."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs of `measure`; the defaults follow PyHessian (Lanczos), Hutchinson practice and Keskar et al."""
+
+    tolerance: float = 1e-3  # lambda_max: stop when the Ritz residual is <= tolerance * |lambda|
+    max_iterations: int = 100  # lambda_max: Lanczos steps (Hessian-vector products over the data)
+    trace_probes: int = 100  # trace: Rademacher probes
+    average_samples: int = 100  # average: directions sampled uniformly on the sphere
+    worst_steps: int = 20  # worst: gradient steps on the sphere of radius rho
+    worst_step_size: float = 1.0  # worst: step length, in units of rho, along the normalized gradient
+    keskar_epsilon: float = 1e-3  # keskar: box half-width eps * (|w_i| + 1)
+    keskar_steps: int = 20  # keskar: sign-gradient steps in the box
+    keskar_step_size: float = 0.5  # keskar: step length, in units of the box half-width
+    progress: bool = False  # a tqdm bar counting batch passes
+
+    def __post_init__(self) -> None:
+        for name, least in _AT_LEAST.items():
+            if getattr(self, name) < least:
+                raise MeasureError(f"sharpness option {name} must be at least {least}, got {getattr(self, name)}")
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise MeasureError(f"sharpness option {name} must be positive, got {getattr(self, name)}")
+
+
+_AT_LEAST = {"tolerance": 0, "max_iterations": 1, "trace_probes": 2, "average_samples": 2, "worst_steps": 0,
+             "keskar_steps": 0}
+_POSITIVE = ("worst_step_size", "keskar_epsilon", "keskar_step_size")
+_NEEDS_RHO = ("worst", "ascent", "average")
+
+
+def default_measures(model: nn.Module) -> list[str]:
+    """All measures up to CHEAP_PARAMETER_LIMIT trainable parameters; above it, all but COSTLY_MEASURES."""
+    if _parameter_count(model) <= CHEAP_PARAMETER_LIMIT:
+        return list(MEASURES)
+    return [name for name in MEASURES if name not in COSTLY_MEASURES]
+
+
+def measure(
+    model: nn.Module,
+    criterion: Criterion,
+    batches: Sequence[Batch],
+    *,
+    rho: float,
+    measures: Sequence[str] = MEASURES,
+    seed: int = 0,
+    **options: float | int | bool,
+) -> dict[str, float]:
+    """Sharpness of `model` at its current weights: one key per requested measure, plus the documented extras.
+
+    `criterion(model(inputs), targets)` must return the batch *mean* (reduction='mean'); batches are weighted
+    by `len(targets)`. Options (see `Options`): tolerance=1e-3, max_iterations=100, trace_probes=100,
+    average_samples=100, worst_steps=20, worst_step_size=1.0, keskar_epsilon=1e-3, keskar_steps=20,
+    keskar_step_size=0.5, progress=False. Cost per batch of the data (F forward, B backward, HVP one forward,
+    backward with graph and double backward): L(w) and its gradient, shared, 1 F+B; lambda_max k HVP
+    (k <= max_iterations); alignment adds nothing to lambda_max; trace 1 F+B + trace_probes double
+    backwards; ascent 1 F; average average_samples F; worst worst_steps F+B + 1 F (plus ascent's);
+    keskar keskar_steps F+B + 1 F. Seeded by `seed` through local generators; the global RNG is untouched.
+    """
+    names = _checked_measures(measures)
+    settings = _checked_options(options)
+    if rho <= 0 and any(name in _NEEDS_RHO for name in names):
+        raise MeasureError(f"sharpness radius rho must be positive for {', '.join(_NEEDS_RHO)}, got {rho}")
+    landscape = _Landscape(model, criterion, batches, rho=rho, seed=seed, options=settings)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout is off
+    results: dict[str, float] = {}
+    try:
+        with torch.enable_grad():
+            for name in names:
+                landscape.bar.set_description(f"sharpness/{name}")
+                results.update(_MEASURE_FUNCTIONS[name](landscape))
+    finally:
+        landscape.close()
+        for module, training in modes.items():
+            module.training = training
+    return results
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _checked_measures(measures: Sequence[str]) -> list[str]:
+    names = [measures] if isinstance(measures, str) else list(measures)
+    unknown = [name for name in names if name not in MEASURES]
+    if unknown:
+        raise MeasureError(f"unknown sharpness measure(s) {unknown}; valid: {', '.join(MEASURES)}")
+    return list(dict.fromkeys(names))
+
+
+def _checked_options(options: dict[str, float | int | bool]) -> Options:
+    valid = [field.name for field in fields(Options)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise MeasureError(f"unknown sharpness option(s) {unknown}; valid: {', '.join(valid)}")
+    return Options(**options)
+
+
+def _derived_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed per (seed, labels) so each measure's randomness is independent of which others run."""
+    digest = hashlib.blake2b(repr((seed, *labels)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _unit(vector: Tensor) -> Tensor:
+    """vector / ||vector||, or the zero vector unchanged (no direction to take)."""
+    norm = torch.linalg.vector_norm(vector)
+    return vector / norm if norm > 0 else vector
+
+
+def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
+    return samples.mean().item(), (samples.std() / math.sqrt(samples.numel())).item()
+
+
+@dataclass(frozen=True)
+class _Eigenpair:
+    value: float
+    vector: Tensor
+    iterations: int
+
+
+class _Landscape:
+    """L, its gradient and Hessian-vector products over all batches, at w or at w + v (flat vectors v)."""
+
+    def __init__(self, model: nn.Module, criterion: Criterion, batches: Sequence[Batch], *, rho: float,
+                 seed: int, options: Options) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise MeasureError("the model has no parameters that require grad: nothing to measure")
+        batches = list(batches)
+        total = sum(len(targets) for _, targets in batches)
+        if total == 0:
+            raise MeasureError("sharpness needs at least one (inputs, targets) batch with samples")
+        self.weighted_batches = [(inputs, targets, len(targets) / total) for inputs, targets in batches]
+        self.model, self.criterion, self.rho, self.seed, self.options = model, criterion, rho, seed, options
+        self.origin = [p.detach().clone() for p in self.params]
+        self.w = torch.cat([p.reshape(-1) for p in self.origin])
+        self.bar = tqdm(disable=not options.progress, unit="batch", desc="sharpness")
+
+    def close(self) -> None:
+        self._restore()
+        self.bar.close()
+
+    # --- vectors -------------------------------------------------------------------------------------------
+
+    def _split(self, vector: Tensor) -> list[Tensor]:
+        chunks = vector.split([p.numel() for p in self.params])
+        return [chunk.view_as(p) for chunk, p in zip(chunks, self.params)]
+
+    @staticmethod
+    def _flat(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def generator(self, *labels: object) -> torch.Generator:
+        return torch.Generator(device=self.w.device).manual_seed(_derived_seed(self.seed, *labels))
+
+    def gaussian(self, generator: torch.Generator) -> Tensor:
+        return torch.randn(self.w.shape, generator=generator, device=self.w.device, dtype=self.w.dtype)
+
+    def random_signs(self, generator: torch.Generator) -> Tensor:
+        bits = torch.randint(0, 2, self.w.shape, generator=generator, device=self.w.device)
+        return (2 * bits - 1).to(self.w.dtype)
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _shifted(self, shift: Tensor | None) -> Iterator[None]:
+        """Parameters at w + shift inside the block, copied back exactly (not subtracted) on leaving."""
+        if shift is None:
+            yield
+            return
+        with torch.no_grad():
+            for p, p0, step in zip(self.params, self.origin, self._split(shift)):
+                torch.add(p0, step, out=p)
+        try:
+            yield
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.origin):
+                p.copy_(p0)
+
+    def _batch_losses(self) -> Iterator[tuple[Tensor, float]]:
+        for inputs, targets, weight in self.weighted_batches:
+            yield self.criterion(self.model(inputs), targets), weight
+            self.bar.update()
+
+    def loss(self, shift: Tensor | None = None) -> float:
+        """L(w + shift): one forward per batch."""
+        with torch.no_grad(), self._shifted(shift):
+            return sum(loss.double() * weight for loss, weight in self._batch_losses()).item()
+
+    def loss_and_gradient(self, shift: Tensor | None = None) -> tuple[float, Tensor]:
+        """L(w + shift) and its gradient as a flat vector: one forward and backward per batch."""
+        total, gradient = torch.zeros((), dtype=torch.float64, device=self.w.device), torch.zeros_like(self.w)
+        with self._shifted(shift):
+            for loss, weight in self._batch_losses():
+                grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
+                gradient.add_(self._flat(grads), alpha=weight)
+                total += loss.detach().double() * weight
+        return total.item(), gradient
+
+    def hessian_products(self) -> Iterator[Callable[[Tensor], Tensor]]:
+        """Per batch, v -> weight * H_batch v by double backward; the batch's graph lives until the next one."""
+        for loss, weight in self._batch_losses():
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, materialize_grads=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has no curvature
+            yield self._batch_hvp([grads[i] for i in live], live, weight)
+
+    def _batch_hvp(self, grads: list[Tensor], live: list[int], weight: float) -> Callable[[Tensor], Tensor]:
+        def product(vector: Tensor) -> Tensor:
+            if not grads:
+                return torch.zeros_like(vector)
+            chunks = self._split(vector)
+            hv = torch.autograd.grad(grads, self.params, grad_outputs=[chunks[i] for i in live],
+                                     retain_graph=True, materialize_grads=True)
+            return self._flat(hv) * weight
+
+        return product
+
+    def hessian_product(self, vector: Tensor) -> Tensor:
+        """H v over all batches: one HVP per batch."""
+        return sum((product(vector) for product in self.hessian_products()), torch.zeros_like(vector))
+
+    # --- shared, computed once per call --------------------------------------------------------------------
+
+    @cached_property
+    def base(self) -> tuple[float, Tensor]:
+        """L(w) and the gradient at w."""
+        return self.loss_and_gradient()
+
+    @cached_property
+    def ascent_shift(self) -> Tensor | None:
+        """rho * grad / ||grad||, or None where the gradient is exactly zero (the direction is undefined)."""
+        gradient = self.base[1]
+        return self.rho * _unit(gradient) if bool(gradient.any()) else None
+
+    @cached_property
+    def ascent_sharpness(self) -> float:
+        shift = self.ascent_shift
+        return math.nan if shift is None else self.loss(shift) - self.base[0]
+
+    @cached_property
+    def top_eigenpair(self) -> _Eigenpair:
+        start = self.gaussian(self.generator("lambda_max"))
+        pair, converged = _lanczos(self.hessian_product, start, self.options.tolerance, self.options.max_iterations)
+        if not converged:
+            warnings.warn(f"Lanczos did not reach tolerance {self.options.tolerance} in {pair.iterations} "
+                          "iterations; lambda_max is a lower estimate", RuntimeWarning)
+        return pair
+
+
+def _lanczos(apply: Callable[[Tensor], Tensor], start: Tensor, tolerance: float,
+             max_iterations: int) -> tuple[_Eigenpair, bool]:
+    """Largest algebraic eigenpair of the symmetric operator `apply` by Lanczos with full reorthogonalization.
+
+    Stops when the Ritz residual ||H y - theta y|| = beta_k |s_k| is <= tolerance * |theta| (an eigenvalue
+    lies within it of theta), when the Krylov space fills the whole space, or after max_iterations products.
+    """
+    basis, alphas, betas = [_unit(start)], [], []
+    for iteration in range(1, max_iterations + 1):
+        product = apply(basis[-1])
+        alphas.append(torch.dot(basis[-1], product).item())
+        for _ in range(2):  # Gram-Schmidt twice against the whole basis: the three-term recurrence, made stable
+            for q in basis:
+                product -= torch.dot(q, product) * q
+        beta = torch.linalg.vector_norm(product).item()
+        values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        converged = beta * abs(vectors[-1, -1].item()) <= tolerance * abs(values[-1].item())
+        if converged or iteration == start.numel() or iteration == max_iterations:
+            break
+        betas.append(beta)
+        basis.append(product / beta)
+    ritz = torch.zeros_like(start)
+    for coefficient, q in zip(vectors[:, -1].tolist(), basis):
+        ritz.add_(q, alpha=coefficient)
+    return _Eigenpair(values[-1].item(), ritz, iteration), converged or iteration == start.numel()
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    off = torch.tensor(betas, dtype=torch.float64)
+    return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
+
+
+def _projected_ascent(landscape: _Landscape, start: Tensor, step: Callable[[Tensor, Tensor], Tensor],
+                      steps: int) -> float:
+    """Best loss seen along start, step(start, grad), ... after `steps` gradient steps: a lower bound."""
+    shift, best = start, -math.inf
+    for _ in range(steps):
+        loss, gradient = landscape.loss_and_gradient(shift)
+        best = max(best, loss)
+        shift = step(shift, gradient)
+    return max(best, landscape.loss(shift))
+
+
+# --- the measures: each maps a landscape to its result keys --------------------------------------------------
+
+
+def _lambda_max(landscape: _Landscape) -> dict[str, float]:
+    pair = landscape.top_eigenpair
+    return {"lambda_max": pair.value, "lambda_max_iterations": pair.iterations}
+
+
+def _alignment(landscape: _Landscape) -> dict[str, float]:
+    """|cos(grad, v1)|; NaN where the gradient is exactly zero."""
+    gradient, top = landscape.base[1], landscape.top_eigenpair.vector
+    norms = torch.linalg.vector_norm(gradient) * torch.linalg.vector_norm(top)
+    return {"alignment": (torch.dot(gradient, top).abs() / norms).item() if norms > 0 else math.nan}
+
+
+def _trace(landscape: _Landscape) -> dict[str, float]:
+    """Hutchinson: z^T H z over Rademacher z; probes are regenerated per batch so each batch's graph is built
+    once and serves every probe."""
+    probes = landscape.options.trace_probes
+    estimates = torch.zeros(probes, dtype=torch.float64, device=landscape.w.device)
+    for product in landscape.hessian_products():
+        for i in range(probes):
+            probe = landscape.random_signs(landscape.generator("trace", i))
+            estimates[i] += torch.dot(probe, product(probe)).double()
+    mean, stderr = _mean_and_stderr(estimates)
+    return {"trace": mean, "trace_stderr": stderr}
+
+
+def _ascent(landscape: _Landscape) -> dict[str, float]:
+    return {"ascent": landscape.ascent_sharpness}
+
+
+def _average(landscape: _Landscape) -> dict[str, float]:
+    generator, base_loss = landscape.generator("average"), landscape.base[0]
+    samples = [landscape.loss(landscape.rho * _unit(landscape.gaussian(generator))) - base_loss
+               for _ in range(landscape.options.average_samples)]
+    mean, stderr = _mean_and_stderr(torch.tensor(samples, dtype=torch.float64))
+    return {"average": mean, "average_stderr": stderr}
+
+
+def _worst(landscape: _Landscape) -> dict[str, float]:
+    """Projected gradient ascent on the sphere from the ascent direction (a random one where grad = 0)."""
+    rho, size = landscape.rho, landscape.options.worst_step_size
+    start = landscape.ascent_shift
+    if start is None:
+        start = rho * _unit(landscape.gaussian(landscape.generator("worst")))
+
+    def step(shift: Tensor, gradient: Tensor) -> Tensor:
+        return rho * _unit(shift + size * rho * _unit(gradient))
+
+    best = _projected_ascent(landscape, start, step, landscape.options.worst_steps) - landscape.base[0]
+    ascent = landscape.ascent_sharpness
+    return {"worst": best if math.isnan(ascent) else max(best, ascent)}
+
+
+def _keskar(landscape: _Landscape) -> dict[str, float]:
+    """Projected sign-gradient ascent in the box |y_i| <= eps(|w_i| + 1), from the corner sign(grad)
+    (a seeded random sign where a gradient entry is zero); phi = 100 (max L - L) / (1 + L)."""
+    options, (base_loss, gradient) = landscape.options, landscape.base
+    half = options.keskar_epsilon * (landscape.w.abs() + 1)
+    signs = torch.where(gradient != 0, gradient.sign(), landscape.random_signs(landscape.generator("keskar")))
+
+    def step(shift: Tensor, gradient: Tensor) -> Tensor:
+        return torch.clamp(shift + options.keskar_step_size * half * gradient.sign(), -half, half)
+
+    best = _projected_ascent(landscape, half * signs, step, options.keskar_steps)
+    return {"keskar": 100 * (best - base_loss) / (1 + base_loss)}
+
+
+_MEASURE_FUNCTIONS: dict[str, Callable[[_Landscape], dict[str, float]]] = {
+    "lambda_max": _lambda_max, "trace": _trace, "worst": _worst, "ascent": _ascent, "average": _average,
+    "keskar": _keskar, "alignment": _alignment,
+}
+assert tuple(_MEASURE_FUNCTIONS) == MEASURES

@@ -1,0 +1,334 @@
+"""sharpness.measure against independent references: explicit Hessians, closed forms, brute force."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import hessian
+from torch.func import functional_call
+
+from sam_runner.sharpness import CHEAP_PARAMETER_LIMIT, COSTLY_MEASURES, MEASURES, default_measures, measure
+
+DTYPE = torch.float64
+
+
+# --- models and data --------------------------------------------------------------------------------------------
+
+
+def mlp_problem(seed: int = 0):
+    """2-layer tanh MLP, 3 -> 8 -> 2 (50 parameters), squared error on random data, two unequal batches."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(DTYPE)
+    inputs, targets = torch.randn(20, 3, dtype=DTYPE), torch.randn(20, 2, dtype=DTYPE)
+    return model, nn.MSELoss(), [(inputs[:7], targets[:7]), (inputs[7:], targets[7:])]
+
+
+def softmax_problem(seed: int = 0):
+    """Softmax regression, 5 features -> 4 classes (24 parameters), cross-entropy, two unequal batches."""
+    torch.manual_seed(seed)
+    model = nn.Linear(5, 4).to(DTYPE)
+    inputs, targets = torch.randn(30, 5, dtype=DTYPE), torch.randint(0, 4, (30,))
+    return model, nn.CrossEntropyLoss(), [(inputs[:11], targets[:11]), (inputs[11:], targets[11:])]
+
+
+PROBLEMS = {"mlp": mlp_problem, "softmax": softmax_problem}
+
+
+class Quadratic(nn.Module):
+    """A 'model' whose output is the loss 1/2 (w - center)^T A (w - center); it ignores its inputs."""
+
+    def __init__(self, matrix: torch.Tensor, center: torch.Tensor, start: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(start.clone())
+        self.register_buffer("matrix", matrix)
+        self.register_buffer("center", center)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        offset = self.w - self.center
+        return 0.5 * offset @ self.matrix @ offset
+
+
+def loss_output(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return output
+
+
+QUADRATIC_BATCHES = [(torch.zeros(1), torch.zeros(1))]
+
+
+def quadratic(eigenvalues: list[float], seed: int = 0, at_minimum: bool = True) -> tuple[Quadratic, torch.Tensor]:
+    """A = Q diag(eigenvalues) Q^T with a random rotation Q; w at the center or at a random point."""
+    generator = torch.Generator().manual_seed(seed)
+    size = len(eigenvalues)
+    rotation, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=DTYPE))
+    matrix = rotation @ torch.diag(torch.tensor(eigenvalues, dtype=DTYPE)) @ rotation.T
+    center = torch.randn(size, generator=generator, dtype=DTYPE)
+    start = center if at_minimum else center + torch.randn(size, generator=generator, dtype=DTYPE)
+    return Quadratic(matrix, center, start), matrix
+
+
+# --- the explicit reference: L as a function of the flattened parameter vector ----------------------------------
+
+
+def flat_loss(model: nn.Module, criterion, batches):
+    """theta -> size-weighted mean loss over all samples with the model in eval mode; and theta at w."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    total = sum(len(targets) for _, targets in batches)
+
+    def loss(vector: torch.Tensor) -> torch.Tensor:
+        chunks = vector.split([math.prod(shape) for shape in shapes])
+        params = {name: chunk.view(shape) for name, chunk, shape in zip(names, chunks, shapes)}
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            return sum(criterion(functional_call(model, params, (x,)), y) * len(y) for x, y in batches) / total
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    return loss, theta
+
+
+def explicit(model, criterion, batches):
+    """L(w), grad L(w), the full Hessian and the function theta -> L(theta), from torch.autograd.functional."""
+    loss, theta = flat_loss(model, criterion, batches)
+    point = theta.clone().requires_grad_()
+    value = loss(point)
+    (gradient,) = torch.autograd.grad(value, point)
+    return value.item(), gradient, hessian(loss, theta), loss, theta
+
+
+# --- Hessian measures against the explicit matrix ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_lambda_max_and_alignment_match_the_explicit_hessian(name):
+    model, criterion, batches = PROBLEMS[name]()
+    _, gradient, matrix, _, _ = explicit(model, criterion, batches)
+    values, vectors = torch.linalg.eigh(matrix)
+    assert values[-1] - values[-2] > 1e-3 * values[-1].abs()  # a gap, so the top eigenvector is well defined
+    expected_alignment = (gradient @ vectors[:, -1]).abs() / gradient.norm()
+
+    result = measure(model, criterion, batches, rho=0.05, measures=["lambda_max", "alignment"], tolerance=1e-8)
+
+    assert result["lambda_max"] == pytest.approx(values[-1].item(), rel=1e-6)
+    assert result["alignment"] == pytest.approx(expected_alignment.item(), abs=1e-5)
+    assert 1 <= result["lambda_max_iterations"] <= matrix.shape[0]
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_lambda_max_at_default_tolerance(name):
+    model, criterion, batches = PROBLEMS[name]()
+    top = torch.linalg.eigvalsh(explicit(model, criterion, batches)[2])[-1].item()
+    assert measure(model, criterion, batches, rho=0.05, measures=["lambda_max"])["lambda_max"] == pytest.approx(
+        top, rel=1e-3)
+
+
+def test_lambda_max_is_the_largest_algebraic_eigenvalue_not_the_largest_magnitude():
+    eigenvalues = [2.0, 1.0, 0.5, -1.0, -5.0]
+    model, _ = quadratic(eigenvalues, at_minimum=False)
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=0.05, measures=["lambda_max"])
+    assert result["lambda_max"] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_lambda_max_of_an_indefinite_mlp_hessian():
+    """At a random initialization the MLP's Hessian is indefinite; check the sign pattern and the value."""
+    model, criterion, batches = mlp_problem(seed=3)
+    values = torch.linalg.eigvalsh(explicit(model, criterion, batches)[2])
+    assert values[0] < 0 < values[-1]
+    result = measure(model, criterion, batches, rho=0.05, measures=["lambda_max"])
+    assert result["lambda_max"] == pytest.approx(values[-1].item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_trace_within_four_standard_errors_of_the_explicit_trace(name):
+    """4 rather than 3 standard errors: the seed is fixed, and at 3 one case in ~370 fails by chance alone."""
+    model, criterion, batches = PROBLEMS[name]()
+    exact = torch.trace(explicit(model, criterion, batches)[2]).item()
+    result = measure(model, criterion, batches, rho=0.05, measures=["trace"])
+    assert result["trace_stderr"] > 0
+    assert abs(result["trace"] - exact) <= 4 * result["trace_stderr"]
+
+
+def test_trace_of_a_diagonal_quadratic_is_exact():
+    """z^T A z = Tr A for every Rademacher z when A is diagonal: the estimate is exact, its error zero."""
+    eigenvalues = [3.0, 1.0, 0.25, -0.5]
+    model = Quadratic(torch.diag(torch.tensor(eigenvalues, dtype=DTYPE)), torch.zeros(4, dtype=DTYPE),
+                      torch.ones(4, dtype=DTYPE))
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=0.05, measures=["trace"])
+    assert result["trace"] == pytest.approx(sum(eigenvalues), rel=1e-12)
+    assert result["trace_stderr"] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- radius-rho sharpness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_ascent_matches_a_direct_evaluation(name):
+    model, criterion, batches = PROBLEMS[name]()
+    value, gradient, _, loss, theta = explicit(model, criterion, batches)
+    rho = 0.1
+    with torch.no_grad():
+        expected = loss(theta + rho * gradient / gradient.norm()).item() - value
+    result = measure(model, criterion, batches, rho=rho, measures=["ascent"])
+    assert result["ascent"] == pytest.approx(expected, rel=1e-10)
+
+
+def test_ascent_is_nan_where_the_gradient_is_zero():
+    model, _ = quadratic([1.0, 2.0])
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=0.1, measures=["ascent", "alignment"])
+    assert math.isnan(result["ascent"]) and math.isnan(result["alignment"])
+
+
+def test_average_at_a_quadratic_minimum_is_rho_squared_trace_over_2d():
+    eigenvalues = [5.0, 3.0, 2.0, 1.5, 1.0, 0.8, 0.5, 0.3, 0.2, 0.1]
+    model, _ = quadratic(eigenvalues)
+    rho = 0.1
+    expected = rho**2 * sum(eigenvalues) / (2 * len(eigenvalues))
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=rho, measures=["average"])
+    assert result["average_stderr"] > 0
+    assert abs(result["average"] - expected) <= 4 * result["average_stderr"]
+    assert result["average"] == pytest.approx(expected, rel=0.1)
+
+
+def test_worst_at_a_quadratic_minimum_is_rho_squared_lambda_over_2():
+    eigenvalues = [5.0, 3.0, 2.0, 1.0, 0.5, 0.1]
+    model, _ = quadratic(eigenvalues)
+    rho = 0.1
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=rho, measures=["worst"])
+    assert result["worst"] == pytest.approx(rho**2 * 5.0 / 2, rel=1e-3)
+    assert result["worst"] <= rho**2 * 5.0 / 2 * (1 + 1e-12)  # the maximum is never exceeded
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_worst_is_never_below_ascent_nor_above_the_quadratic_bound(seed):
+    eigenvalues = [4.0, 2.0, 1.0, -1.0, -3.0]
+    model, _ = quadratic(eigenvalues, seed=seed, at_minimum=False)
+    gradient_norm = (model.matrix @ (model.w - model.center)).norm().item()
+    rho = 0.5
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=rho, measures=["ascent", "worst"])
+    assert result["worst"] >= result["ascent"]
+    assert result["worst"] <= rho * gradient_norm + rho**2 * max(eigenvalues) / 2  # g.v + v^T A v / 2 on ||v||=rho
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_worst_is_never_below_ascent_on_networks(name):
+    model, criterion, batches = PROBLEMS[name](seed=1)
+    for rho in (0.05, 0.5):
+        result = measure(model, criterion, batches, rho=rho, measures=["ascent", "worst"])
+        assert result["worst"] >= result["ascent"] > 0
+
+
+# --- Keskar et al. epsilon-sharpness ---------------------------------------------------------------------------
+
+
+def test_keskar_at_a_diagonal_quadratic_minimum_matches_the_closed_form():
+    """At the minimum of a diagonal PSD quadratic every box corner attains the maximum 1/2 sum A_ii b_i^2."""
+    diagonal = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.1], dtype=DTYPE)
+    center = torch.tensor([0.3, -2.0, 0.0, 1.5, -0.7], dtype=DTYPE)
+    model = Quadratic(torch.diag(diagonal), center, center)
+    epsilon = 1e-3
+    half_width = epsilon * (center.abs() + 1)
+    expected = 100 * 0.5 * (diagonal * half_width**2).sum().item() / (1 + 0.0)
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=0.05, measures=["keskar"], keskar_epsilon=epsilon)
+    assert result["keskar"] == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keskar_matches_a_brute_force_search_over_box_corners(seed):
+    """A convex function's maximum over a box is at a corner: search all 2^6 of them."""
+    model, matrix = quadratic([3.0, 2.0, 1.0, 0.6, 0.3, 0.1], seed=seed, at_minimum=False)
+    epsilon = 0.05
+    w, center = model.w.detach(), model.center
+
+    def loss(point):
+        return 0.5 * (point - center) @ matrix @ (point - center)
+
+    half_width = epsilon * (w.abs() + 1)
+    corners = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=6)), dtype=DTYPE)
+    best = max(loss(w + corner * half_width).item() for corner in corners)
+    expected = 100 * (best - loss(w).item()) / (1 + loss(w).item())
+
+    result = measure(model, loss_output, QUADRATIC_BATCHES, rho=0.05, measures=["keskar"], keskar_epsilon=epsilon)
+    assert result["keskar"] == pytest.approx(expected, rel=1e-10)
+
+
+# --- state, weighting, seeding, errors --------------------------------------------------------------------------
+
+
+def batch_norm_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3))
+    model = model.to(DTYPE).train()
+    inputs, targets = torch.randn(24, 4, dtype=DTYPE), torch.randint(0, 3, (24,))
+    for _ in range(3):  # running statistics away from their initial values
+        model(inputs)
+    return model, nn.CrossEntropyLoss(), [(inputs[:10], targets[:10]), (inputs[10:], targets[10:])]
+
+
+SMALL = dict(max_iterations=20, trace_probes=10, average_samples=10, worst_steps=3, keskar_steps=3)
+
+
+def test_batch_norm_model_is_measured_in_eval_mode_and_left_exactly_as_found():
+    model, criterion, batches = batch_norm_problem()
+    model[4].eval()  # a mixed-mode model: each module's own flag must come back
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    value, gradient, _, loss, theta = explicit(model, criterion, batches)  # eval-mode reference
+
+    result = measure(model, criterion, batches, rho=0.1, measures=MEASURES, **SMALL)
+
+    with torch.no_grad():
+        expected_ascent = loss(theta + 0.1 * gradient / gradient.norm()).item() - value
+    assert result["ascent"] == pytest.approx(expected_ascent, rel=1e-10)
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+    assert model.training and model[1].training and model[3].training and not model[4].training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batches_are_weighted_by_size():
+    model, criterion, batches = mlp_problem()
+    whole = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+    split = measure(model, criterion, batches, rho=0.1, **SMALL)
+    joined = measure(model, criterion, whole, rho=0.1, **SMALL)
+    assert split.keys() == joined.keys() == set(MEASURES) | {"lambda_max_iterations", "trace_stderr",
+                                                             "average_stderr"}
+    assert split == pytest.approx(joined, rel=1e-9, abs=1e-12)
+
+
+def test_same_seed_gives_the_same_numbers_and_leaves_the_global_rng_alone():
+    model, criterion, batches = mlp_problem()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = measure(model, criterion, batches, rho=0.1, seed=7, **SMALL)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert measure(model, criterion, batches, rho=0.1, seed=7, **SMALL) == first
+    other = measure(model, criterion, batches, rho=0.1, seed=8, **SMALL)
+    assert other["trace"] != first["trace"] and other["average"] != first["average"]
+
+
+def test_a_measure_does_not_depend_on_which_others_are_requested():
+    model, criterion, batches = mlp_problem()
+    alone = measure(model, criterion, batches, rho=0.1, measures=["average"], **SMALL)
+    together = measure(model, criterion, batches, rho=0.1, **SMALL)
+    assert alone["average"] == together["average"]
+
+
+def test_unknown_measure_or_option_raises_value_error_naming_the_valid_ones():
+    model, criterion, batches = mlp_problem()
+    with pytest.raises(ValueError, match="lambda_max, trace, worst"):
+        measure(model, criterion, batches, rho=0.1, measures=["sharpest"])
+    with pytest.raises(ValueError, match="trace_probes"):
+        measure(model, criterion, batches, rho=0.1, trace_probe=10)
+    with pytest.raises(ValueError, match="rho"):
+        measure(model, criterion, batches, rho=0.0, measures=["worst"])
+    with pytest.raises(ValueError, match="trace_probes"):
+        measure(model, criterion, batches, rho=0.1, trace_probes=1)
+
+
+def test_default_measures_drop_the_costly_estimators_for_large_models():
+    assert default_measures(mlp_problem()[0]) == list(MEASURES)
+    large = nn.Linear(1000, CHEAP_PARAMETER_LIMIT // 1000)  # just over the limit with its bias
+    assert default_measures(large) == [name for name in MEASURES if name not in COSTLY_MEASURES]
