@@ -117,8 +117,10 @@ def build_optimizer(node: DictConfig, rho: float, model: nn.Module) -> torch.opt
 def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
                     ) -> torch.optim.lr_scheduler.LRScheduler:
     make_scheduler = _partial(node, "scheduler")
+    # SAM shares its param_groups with the base optimizer, whose step() the scheduler sees being called.
+    stepped = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
     try:
-        return make_scheduler(optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        return make_scheduler(stepped, steps_per_epoch=steps_per_epoch, epochs=epochs)
     except TypeError as error:
         raise ConfigError(f"scheduler ({node._target_}): {error}") from None
 

@@ -29,6 +29,7 @@ def _replace_atomically(path: Path, write: Any) -> None:
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; outputs are meant to be shared and read
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -87,7 +87,7 @@ def _check_writable(directory: Path) -> None:
     existing = directory
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError(f"cannot write run outputs under {existing}: choose a writable hydra.run.dir / hydra.sweep.dir")
 
 

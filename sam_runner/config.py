@@ -73,11 +73,17 @@ def _one_line(error: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    """A top-level value with its interpolations (e.g. `rho: ${optimizer.default_rho}`) resolved in `cfg`."""
+    value = cfg[key]
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def typed_top_level(cfg: DictConfig) -> DictConfig:
     """Check the top-level keys against `TopLevelSchema`; return them typed (enums for device/precision)."""
     names = [f.name for f in fields(TopLevelSchema)]
     try:
-        values = OmegaConf.masked_copy(cfg, names)
+        values = {name: _resolved(cfg, name) for name in names if name in cfg}
         return OmegaConf.merge(OmegaConf.structured(TopLevelSchema), values)
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error)) from None
@@ -105,6 +111,9 @@ def sharpness_measures(value: Any) -> list[str] | str:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Types, ranges and cross-field rules of a composed config. Returns the typed top-level keys."""
+    missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])))
+    _require(not missing, f"{', '.join(missing)} must be set (e.g. `{missing[0] if missing else ''}=mypkg.module.name` "
+                          f"for a plug-in)")
     top = typed_top_level(cfg)
     _require(top.rho >= 0, f"rho must be >= 0 (got {top.rho}): it is the radius of the weight perturbation")
     _require(top.lr > 0, f"lr must be > 0 (got {top.lr})")

@@ -1,0 +1,180 @@
+"""The installed `sam-run` / `sam-measure`, end to end on tiny data: files, keys, sweeps, plug-ins, bad input."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, read_json, run_cli
+
+SUMMARY_KEYS = {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "status",
+                "epochs_completed", "wall_time_s", "sharpness", "optimizer", "base_optimizer", "rho", "batch_size",
+                "lr", "seed", "dataset", "model"}
+
+
+@pytest.fixture(scope="module")
+def sam_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SAM run shared by the tests that only read its outputs."""
+    workdir = tmp_path_factory.mktemp("single")
+    result = run_cli("sam-run", *TINY, "optimizer=sam", "rho=0.05", "hydra.run.dir=outputs/run", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir / "outputs" / "run"
+
+
+def test_single_run_writes_summary_with_every_key(sam_run_dir: Path) -> None:
+    summary = read_json(sam_run_dir / "summary.json")
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert summary["optimizer"] == "sam" and summary["base_optimizer"] == "sgd" and summary["rho"] == 0.05
+    for key in ("train_acc", "test_acc"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["gap_acc"] == pytest.approx(summary["train_acc"] - summary["test_acc"])
+    assert summary["gap_loss"] == pytest.approx(summary["test_loss"] - summary["train_loss"])
+    assert set(summary["sharpness"]) >= {"ascent", "lambda_max"}
+
+
+def test_single_run_writes_metrics_run_info_checkpoint_and_one_tensorboard_run(sam_run_dir: Path) -> None:
+    lines = [json.loads(line) for line in (sam_run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    expected = {"train/loss", "train/acc", "train/loss_seen", "train/acc_seen", "train/loss_perturbed",
+                "train/acc_perturbed", "test/loss", "test/acc", "gap/acc", "gap/loss", "opt/lr", "opt/grad_norm",
+                "opt/perturbation_norm", "opt/epoch_time_s", "opt/images_per_s"}
+    assert expected <= lines[0].keys()
+    assert "sharpness/ascent" in lines[-1]
+    info = read_json(sam_run_dir / "run.json")
+    assert {"argv", "config", "versions", "device", "git_sha"} <= info.keys()
+    assert info["config"]["optimizer"]["name"] == "sam" and info["versions"]["torch"]
+    state = torch.load(sam_run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= state.keys()
+    event_files = list(sam_run_dir.rglob("events.out.tfevents.*"))
+    assert [path.parent for path in event_files] == [sam_run_dir], "hparams must not create a second run"
+
+
+def test_tensorboard_has_the_metric_tags(sam_run_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(sam_run_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/acc", "test/acc", "gap/acc", "opt/lr", "sharpness/lambda_max"} <= tags
+    assert [event.step for event in events.Scalars("test/acc")] == [4, 8]  # global step: 4 steps per epoch
+
+
+def test_sweep_runs_every_job_skips_plain_duplicates_and_prints_a_table(workdir: Path) -> None:
+    result = run_cli("sam-run", "-m", *TINY, "sharpness.measures=[]", "optimizer=sgd,sam", "rho=0.02,0.05",
+                     "hydra.sweep.dir=outputs/sweep", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summaries = {path.parent.name: read_json(path) for path in (workdir / "outputs" / "sweep").glob("*/summary.json")}
+    assert len(summaries) == 4
+    by_setting = {(s["optimizer"], s.get("rho"), s["status"]) for s in summaries.values()}
+    assert ("sgd", None, "completed") in by_setting and ("sgd", None, "duplicate") in by_setting
+    assert {("sam", 0.02, "completed"), ("sam", 0.05, "completed")} <= by_setting
+    table = result.stdout[result.stdout.index("test_acc") - 200:]
+    assert "run" in table and "duplicate" in table and "completed" in table
+
+
+def test_same_seed_gives_the_same_metrics(workdir: Path) -> None:
+    def metrics(name: str) -> list[dict]:
+        result = run_cli("sam-run", *TINY, "optimizer=sam", "seed=3", f"hydra.run.dir=outputs/{name}", cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        lines = [json.loads(line) for line in (workdir / "outputs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if not k.startswith(("opt/epoch_time", "opt/images"))} for line in lines]
+
+    assert metrics("a") == metrics("b")
+
+
+def test_plugin_dataset_and_model_through_target(workdir: Path) -> None:
+    (workdir / "my_plugin.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from torch.utils.data import TensorDataset
+
+        class Pairs(TensorDataset):
+            def __getitem__(self, index):
+                x, y = super().__getitem__(index)
+                return x, int(y)
+
+        def make_data(size=96):
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(size, 6, generator=generator)
+            y = (x[:, 0] > 0).long()
+            return Pairs(x[:64], y[:64]), Pairs(x[64:], y[64:])
+
+        class Net(nn.Module):
+            def __init__(self, num_classes, input_shape, hidden=8):
+                super().__init__()
+                self.body = nn.Sequential(nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+            def forward(self, x):
+                return self.body(x)
+    """))
+    result = run_cli("sam-run", "dataset=custom", "dataset.source._target_=my_plugin.make_data", "model=custom",
+                     "model._target_=my_plugin.Net", "+model.hidden=4", "epochs=1", "batch_size=16",
+                     "sharpness.measures=[]", "hydra.run.dir=outputs/plugin", cwd=workdir,
+                     extra_env={"PYTHONPATH": str(workdir)})
+    assert result.returncode == 0, result.stderr
+    summary = read_json(workdir / "outputs" / "plugin" / "summary.json")
+    assert summary["status"] == "completed" and summary["model"] == "custom"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer=foo", "unknown optimizer 'foo'; choose one of: adamw, asam, sam, sgd"),
+    ("optimizer/base=lion", "unknown optimizer/base 'lion'"),
+    ("rho=-0.1", "rho must be >= 0"),
+    ("rho=abc", "rho: Value 'abc'"),
+    ("batch_size=0", "batch_size must be > 0"),
+    ("rhoo=0.1", "unknown key 'rhoo'"),
+    ("device=gpu", "expected one of [auto, cpu, cuda]"),
+    ("model=custom", "model._target_ must be set"),
+    ("sharpness.measures=[sharpest]", "sharpness.measures: unknown ['sharpest']"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(workdir: Path, override: str,
+                                                                      message: str) -> None:
+    result = run_cli("sam-run", *TINY, override, cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], "exactly one line"
+    assert result.stderr.startswith("sam-run: error: ") and message in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (workdir / "outputs").exists()
+
+
+def test_a_bad_value_inside_a_sweep_stops_the_sweep_before_any_run(workdir: Path) -> None:
+    result = run_cli("sam-run", "-m", *TINY, "optimizer=sam", "rho=0.05,-1", cwd=workdir)
+    assert result.returncode == 2 and "rho must be >= 0 (got -1" in result.stderr
+    assert not (workdir / "outputs").exists()
+
+
+def test_unwritable_output_directory_is_a_clear_error(workdir: Path) -> None:
+    (workdir / "blocker").write_text("a file where a directory should be")
+    result = run_cli("sam-run", *TINY, "hydra.run.dir=blocker/run", cwd=workdir)
+    assert result.returncode == 2 and "cannot write run outputs" in result.stderr
+    assert (workdir / "blocker").read_text() == "a file where a directory should be"
+
+
+def test_missing_cifar_offline_names_the_fix(workdir: Path) -> None:
+    result = run_cli("sam-run", "dataset=cifar10", "model=keskar_c1", "dataset.source.download=false",
+                     "data_dir=nowhere", "hydra.run.dir=outputs/cifar", cwd=workdir)
+    assert result.returncode == 2
+    assert "CIFAR-10" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert read_json(workdir / "outputs" / "cifar" / "summary.json")["status"] == "failed"
+
+
+def test_sam_measure_remeasures_a_checkpoint(sam_run_dir: Path, tmp_path: Path) -> None:
+    result = run_cli("sam-measure", str(sam_run_dir), "--measures", "trace,average", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sharpness = read_json(sam_run_dir / "summary.json")["sharpness"]
+    assert {"trace", "trace_stderr", "average", "average_stderr"} <= sharpness.keys()
+    assert "trace" in result.stdout
+
+
+def test_sam_measure_refuses_a_corrupt_checkpoint_in_one_line(sam_run_dir: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    result = run_cli("sam-measure", str(sam_run_dir), "--checkpoint", str(corrupt), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sam-measure: error: checkpoint") and "corrupt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
