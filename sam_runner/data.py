@@ -51,15 +51,16 @@ def _cifar(dataset_cls: type, title: str, root: str, download: bool) -> tuple[Te
     """Load through torchvision's own reader, then take its uint8 `.data` array whole (no per-image PIL)."""
     root = os.path.expanduser(str(root))
     folder = os.path.join(root, dataset_cls.base_folder)
-    fix = (f"copy {dataset_cls.filename} or the extracted {dataset_cls.base_folder}/ into {root}/, "
-           f"or set data_dir=<folder that holds it>")
+    archive, elsewhere = dataset_cls.filename, "set data_dir=<folder that holds it>"
     try:
         splits = [dataset_cls(root, train=train, download=download and train) for train in (True, False)]
     except (OSError, RuntimeError) as exc:
         if download:
-            raise DataError(f"{title} not found under {root}/ and could not be downloaded ({exc}): {fix}") from exc
-        raise DataError(f"{title} not found or incomplete in {folder}/ (download is off): {fix}, "
-                        f"or set dataset.source.download=true") from exc
+            raise DataError(f"{title} not found under {root}/ and could not be downloaded ({exc}): copy {archive} "
+                            f"or the extracted {dataset_cls.base_folder}/ into {root}/, or {elsewhere}") from exc
+        raise DataError(f"{title} not found or incomplete in {folder}/ (download is off): copy the extracted "
+                        f"folder there, or {elsewhere}, or set dataset.source.download=true (which also "
+                        f"extracts a copied {archive})") from exc
 
     def to_tensors(split) -> TensorPairs:
         pixels = torch.from_numpy(np.ascontiguousarray(split.data)).permute(0, 3, 1, 2).float().div_(255)
