@@ -1,0 +1,138 @@
+"""Every YAML composes and builds; schedules follow their closed forms; both install modes find the configs."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from conftest import TINY, read_json, run_cli
+from sam_runner.build import build_model, build_optimizer, build_scheduler
+from sam_runner.cli import CONFIG_DIR
+from sam_runner.config import validate
+from sam_runner.errors import ConfigError
+from sam_runner.optim import SAM
+
+CONFIGS = Path(CONFIG_DIR)
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_TARGETS = {"dataset=custom": "dataset.source._target_=sam_runner.data.synthetic",
+                  "model=custom": "model._target_=sam_runner.models.mlp"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+
+
+def composed(*overrides: str, hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+ALL_CHOICES = [f"{group}={name}" for group in ("dataset", "model", "optimizer", "scheduler", "experiment")
+               for name in options(group)] + [f"optimizer/base={name}" for name in options("optimizer/base")]
+
+
+@pytest.mark.parametrize("choice", ALL_CHOICES)
+def test_every_option_composes_and_validates(choice: str) -> None:
+    cfg = composed(choice, *[PLUGIN_TARGETS[choice]] if choice in PLUGIN_TARGETS else [])
+    validate(cfg)
+
+
+@pytest.mark.parametrize("name", [n for n in options("model") if n != "custom"])
+def test_every_model_config_instantiates(name: str) -> None:
+    cfg = composed(f"model={name}")
+    shape = (1, 40) if name in ("cnn1d", "mlp") else (3, 32, 32)
+    model = build_model(cfg.model, num_classes=10, input_shape=shape)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+@pytest.mark.parametrize("base", options("optimizer/base"))
+def test_every_optimizer_builds_with_every_base(name: str, base: str) -> None:
+    cfg = composed(f"optimizer={name}", f"optimizer/base={base}")
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(cfg.optimizer, cfg.rho, model)
+    assert isinstance(optimizer, SAM) == (cfg.optimizer.sam is not None)
+    base_class = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[base]
+    assert isinstance(getattr(optimizer, "base_optimizer", optimizer), base_class)
+    assert optimizer.param_groups[0]["lr"] == cfg.lr == cfg.optimizer.base.default_lr
+
+
+def test_plain_optimizers_have_no_rho_and_sam_rho_defaults_per_method() -> None:
+    assert composed("optimizer=sgd").rho == 0.0
+    assert composed("optimizer=sam").rho == 0.05
+    assert composed("optimizer=asam").rho == 1.0
+    assert composed("optimizer=sam", "rho=0.2").rho == 0.2
+
+
+def test_experiment_overrides_the_top_level_defaults() -> None:
+    cfg = composed("experiment=cifar10_wrn16_8")
+    assert (cfg.dataset.name, cfg.epochs, cfg.label_smoothing) == ("cifar10", 200, 0.1)
+    assert composed("experiment=cifar10_wrn16_8", "epochs=3").epochs == 3
+
+
+@pytest.mark.parametrize("name", options("hydra/launcher"))
+def test_launcher_presets_compose(name: str) -> None:
+    cfg = composed(f"hydra/launcher={name}", hydra=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+def _lrs(name: str, steps_per_epoch: int, epochs: int, **keys: object) -> list[float]:
+    cfg = composed(f"scheduler={name}", *[f"scheduler.{k}={v}" for k, v in keys.items()])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, epochs)
+    lrs = []
+    for _ in range(steps_per_epoch * epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_cosine_schedule_follows_its_closed_form_after_warmup() -> None:
+    lrs = _lrs("cosine", steps_per_epoch=10, epochs=5, warmup_epochs=1, min_lr_fraction=0.1)
+    assert lrs[:10] == pytest.approx([2.0 * (k + 1) / 10 for k in range(10)])
+    for k in range(10, 50):
+        progress = (k - 10) / 40
+        assert lrs[k] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+
+
+def test_step_schedule_drops_at_its_milestones() -> None:
+    lrs = _lrs("step", steps_per_epoch=10, epochs=10, milestones="[0.5,0.8]", gamma=0.1)
+    assert lrs[49] == 2.0 and lrs[50] == pytest.approx(0.2) and lrs[79] == pytest.approx(0.2)
+    assert lrs[80] == pytest.approx(0.02)
+    assert set(_lrs("constant", steps_per_epoch=4, epochs=3)) == {2.0}
+
+
+def test_bad_milestones_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="milestones"):
+        _lrs("step", steps_per_epoch=2, epochs=2, milestones="[0.8,0.5]")
+
+
+def test_a_non_editable_install_ships_every_config(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    probe = subprocess.run([sys.executable, "-c", "from sam_runner.cli import CONFIG_DIR; print(CONFIG_DIR)"],
+                           cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    installed = Path(probe.stdout.strip())
+    assert installed.is_relative_to(target)
+    shipped = sorted(p.relative_to(installed) for p in installed.rglob("*.yaml"))
+    assert shipped == sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def test_parallel_launcher_runs_a_sweep(workdir: Path) -> None:
+    result = run_cli("sam-run", "-m", "hydra/launcher=parallel", *TINY, "epochs=1", "sharpness.measures=[]",
+                     "optimizer=sam", "rho=0.01,0.1", "hydra.sweep.dir=outputs/parallel", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summaries = [read_json(p) for p in sorted((workdir / "outputs" / "parallel").glob("*/summary.json"))]
+    assert sorted(s["rho"] for s in summaries) == [0.01, 0.1]
+    assert all(s["status"] == "completed" for s in summaries)
