@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "epoch")
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
+def replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write through `write(file)` into a temporary sibling of `path`, fsync it, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,13 +38,13 @@ def _replace_atomically(path: Path, write: Any) -> None:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Save a checkpoint dict; the file at `path` is always either the old or the new checkpoint."""
-    _replace_atomically(path, lambda file: torch.save({"format_version": FORMAT_VERSION, **state}, file))
+    replace_atomically(path, lambda file: torch.save({"format_version": FORMAT_VERSION, **state}, file))
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
     """JSON files (summary.json, run.json) are replaced atomically too, so readers never see half a file."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    _replace_atomically(path, lambda file: file.write(text.encode()))
+    replace_atomically(path, lambda file: file.write(text.encode()))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

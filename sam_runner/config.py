@@ -16,8 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sam_runner.errors import ConfigError
 
-SHARPNESS_MEASURES = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
-
 
 class Device(Enum):
     auto = "auto"
@@ -45,6 +43,7 @@ class SharpnessSchema:
     every: int = 0
     num_samples: int = 1024
     batch_size: int = 256
+    options: Any = None
 
 
 @dataclass
@@ -96,6 +95,7 @@ def _require(condition: bool, message: str) -> None:
 
 def sharpness_measures(value: Any) -> list[str] | str:
     """`auto`, or the list of measure names (a comma-separated string is accepted from the command line)."""
+    from sam_runner.sharpness import MEASURES  # the one list of names; imported late: it loads torch
     if value is None:
         return []
     if isinstance(value, str):
@@ -104,9 +104,22 @@ def sharpness_measures(value: Any) -> list[str] | str:
         value = [name for name in value.split(",") if name]
     if not isinstance(value, (list, tuple, ListConfig)):
         raise ConfigError(f"sharpness.measures must be `auto` or a list of names (got {value!r})")
-    unknown = [name for name in value if name not in SHARPNESS_MEASURES]
-    _require(not unknown, f"sharpness.measures: unknown {unknown}; choose from {list(SHARPNESS_MEASURES)} or `auto`")
+    unknown = [name for name in value if name not in MEASURES]
+    _require(not unknown, f"sharpness.measures: unknown {unknown}; choose from {list(MEASURES)} or `auto`")
     return list(value)
+
+
+def sharpness_options(value: Any) -> dict[str, Any]:
+    """Extra keyword options for `sharpness.measure`, checked now so a typo fails before training, not after."""
+    from sam_runner.sharpness import Options
+
+    options = OmegaConf.to_container(value) if isinstance(value, DictConfig) else dict(value or {})
+    try:
+        Options(**options)
+    except TypeError as error:
+        names = ", ".join(f.name for f in fields(Options))
+        raise ConfigError(f"sharpness.options: {error}; valid options: {names}") from None
+    return options
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -126,11 +139,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(top.eval.batch_size > 0, f"eval.batch_size must be > 0 (got {top.eval.batch_size})")
     _require(top.eval.train_subset is None or top.eval.train_subset > 0,
              f"eval.train_subset must be > 0 or null (got {top.eval.train_subset})")
-    _require(top.sharpness.rho >= 0, f"sharpness.rho must be >= 0 (got {top.sharpness.rho})")
+    _require(top.sharpness.rho > 0, f"sharpness.rho must be > 0 (got {top.sharpness.rho})")
     _require(top.sharpness.every >= 0, f"sharpness.every must be >= 0 epochs (got {top.sharpness.every})")
     _require(top.sharpness.num_samples > 0, f"sharpness.num_samples must be > 0 (got {top.sharpness.num_samples})")
     _require(top.sharpness.batch_size > 0, f"sharpness.batch_size must be > 0 (got {top.sharpness.batch_size})")
     sharpness_measures(top.sharpness.measures)
+    sharpness_options(top.sharpness.options)
     _validate_optimizer(cfg, top)
     return top
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from sam_runner.checkpoint import _replace_atomically
+from sam_runner.checkpoint import replace_atomically
 from sam_runner.errors import ConfigError, DataError
 
 
@@ -116,7 +116,7 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
             random.setstate(python_state)
         arrays = {key: torch.as_tensor(generated[key]) for key in ("x", "y", "x_test", "y_test")}
         if cache is not None:
-            _replace_atomically(cache, lambda file: torch.save(arrays, file))  # a crash never leaves half a file
+            replace_atomically(cache, lambda file: torch.save(arrays, file))  # a crash never leaves half a file
     return (TensorPairs(arrays["x"].float().unsqueeze(1), arrays["y"]),
             TensorPairs(arrays["x_test"].float().unsqueeze(1), arrays["y_test"]))
 

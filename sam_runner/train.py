@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sam_runner import checkpoint, sharpness
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
                               resolve_device, resolve_precision, target_name)
-from sam_runner.config import sharpness_measures, validate
+from sam_runner.config import sharpness_measures, sharpness_options, validate
 from sam_runner.checkpoint import load, write_json_atomic
 from sam_runner.errors import CheckpointError, SamRunnerError
 from sam_runner.logbook import Logbook, read_summary
@@ -201,8 +201,9 @@ def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], 
             settings: DictConfig, epoch: int | None = None) -> dict[str, float]:
     """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode)."""
     started = time.perf_counter()
+    options = {"progress": SHOW_PROGRESS, **sharpness_options(settings.sharpness.options)}
     result = sharpness.measure(model, nn.CrossEntropyLoss(), batches, rho=settings.sharpness.rho,
-                               measures=measures, seed=settings.seed, progress=SHOW_PROGRESS)
+                               measures=measures, seed=settings.seed, **options)
     where = f"after epoch {epoch + 1}" if epoch is not None else "of the checkpoint"
     log.info("sharpness %s (%.1fs): %s", where, time.perf_counter() - started,
              ", ".join(f"{name} {value:.4g}" for name, value in result.items()))
