@@ -48,7 +48,7 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
         acc = torch.float64 if bucket[0].dtype == torch.float64 else torch.float32
         norms = torch._foreach_norm(bucket, 2, dtype=acc)
         partial.append(torch.linalg.vector_norm(torch.stack(norms)).to(device, out_dtype))
-    return torch.linalg.vector_norm(torch.stack(partial))
+    return partial[0] if len(partial) == 1 else torch.linalg.vector_norm(torch.stack(partial))
 
 
 class SAM(torch.optim.Optimizer):

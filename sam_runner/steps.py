@@ -115,9 +115,9 @@ def _sam_step(
         optimizer.restore()  # after backward: autograd still needed the perturbed weights
         if len(chunks) > 1:
             _accumulate(accumulated, params, weight)
-        totals["loss"] += weight * loss.detach().float()
+        totals["loss"] += weight * loss.detach()
         totals["correct"] += correct
-        totals["perturbed_loss"] += weight * perturbed_loss.detach().float()
+        totals["perturbed_loss"] += weight * perturbed_loss.detach()
         totals["perturbed_correct"] += perturbed_correct
         totals["perturbation_norm"] += optimizer.last_perturbation_norm / len(chunks)
     for p, grad in accumulated.items():
