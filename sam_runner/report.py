@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from sam_runner.logbook import read_summary
 
 METRIC_COLUMNS = ("train_acc", "test_acc", "gap_acc", "gap_loss")
+# Sharpness measures shown when at least one run has them (summary.json's "sharpness" dict).
+SHARPNESS_COLUMNS = ("lambda_max", "trace", "worst")
 # Hyper-parameters shown when they differ between the runs of a sweep (optimizer is always shown).
 HPARAM_COLUMNS = ("optimizer", "base_optimizer", "rho", "lr", "batch_size", "micro_batch_size", "dataset", "model",
                   "scheduler", "epochs", "label_smoothing", "seed")
@@ -31,20 +33,23 @@ def collect(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     return runs
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3g}"
-    return str(value)
+def _metric(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _setting(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def format_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
     """A plain-text table: the hyper-parameters that vary, the final metrics, and each run's status."""
     varying = [key for key in HPARAM_COLUMNS
                if key == "optimizer" or len({repr(summary.get(key)) for _, summary in runs}) > 1]
-    header = ["run", *varying, *METRIC_COLUMNS, "status"]
-    rows = [[name, *(_cell(summary.get(key)) for key in varying), *(_cell(summary.get(key)) for key in METRIC_COLUMNS),
+    measured = [key for key in SHARPNESS_COLUMNS if any(key in summary.get("sharpness", {}) for _, summary in runs)]
+    header = ["run", *varying, *METRIC_COLUMNS, *measured, "status"]
+    rows = [[name, *(_setting(summary.get(key)) for key in varying),
+             *(_metric(summary.get(key)) for key in METRIC_COLUMNS),
+             *(_metric(summary.get("sharpness", {}).get(key)) for key in measured),
              summary.get("status", "?")] for name, summary in runs]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
