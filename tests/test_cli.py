@@ -63,6 +63,14 @@ def test_tensorboard_has_the_metric_tags(sam_run_dir: Path) -> None:
     assert [event.step for event in events.Scalars("test/acc")] == [4, 8]  # global step: 4 steps per epoch
 
 
+def test_hparams_record_is_in_the_runs_own_event_file(sam_run_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (event_file,) = sam_run_dir.glob("events.out.tfevents.*")
+    tags = {value.tag for event in EventFileLoader(str(event_file)).Load() for value in event.summary.value}
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= tags
+
+
 def test_sweep_runs_every_job_skips_plain_duplicates_and_prints_a_table(workdir: Path) -> None:
     result = run_cli("sam-run", "-m", *TINY, "sharpness.measures=[]", "optimizer=sgd,sam", "rho=0.02,0.05",
                      "hydra.sweep.dir=outputs/sweep", cwd=workdir)
