@@ -113,35 +113,32 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.first_step: no parameter has a gradient; call loss.backward() first")
         params = [p for p, _ in entries]
         groups = [group for _, group in entries]
-        work = []  # per bucket: params, gradient used for ε (fp32+), T or None, rho per param
+        work = []  # per bucket: params, gradient used for ε (fp32+), T or None, T⊙g (or g), ρ per param
         for idx in _buckets(params, lambda i: bool(groups[i]["adaptive"])):
             p = [params[i] for i in idx]
             g = _at_least_fp32([q.grad for q in p])
             w32 = _at_least_fp32(p)
-            decay = [groups[i].get("weight_decay", 0.0) if groups[i]["perturb_weight_decay"] else 0.0 for i in idx]
+            decay = [groups[i].get("weight_decay", 0.0) if groups[i]["perturb_weight_decay"] else 0.0
+                     for i in idx]
             if any(decay):
                 g = torch._foreach_add(g, torch._foreach_mul(w32, decay))
-            t = None
+            t, tg = None, g
             if groups[idx[0]]["adaptive"]:
                 t = torch._foreach_abs(w32)
                 torch._foreach_add_(t, [groups[i]["eta"] for i in idx])
-            work.append((p, g, t, [groups[i]["rho"] for i in idx]))
+                tg = torch._foreach_mul(t, g)
+            work.append((p, g, t, tg, [groups[i]["rho"] for i in idx]))
 
-        all_g = [x for _, g, _, _ in work for x in g]
-        self.last_grad_norm = global_norm(all_g)
-        if any(t is not None for _, _, t, _ in work):
-            scaled = [x for _, g, t, _ in work for x in (g if t is None else torch._foreach_mul(t, g))]
-            denominator = global_norm(scaled)
-        else:
-            denominator = self.last_grad_norm
+        self.last_grad_norm = global_norm([x for _, g, _, _, _ in work for x in g])
+        adaptive = any(t is not None for _, _, t, _, _ in work)
+        denominator = global_norm([x for *_, tg, _ in work for x in tg]) if adaptive else self.last_grad_norm
         inv = 1.0 / (denominator + _DELTA)
 
         all_eps = []
         self._perturbed = []
-        for p, g, t, rho in work:
-            eps = torch._foreach_mul(g, inv.to(p[0].device))
+        for p, _, t, tg, rho in work:
+            eps = torch._foreach_mul(tg, inv.to(p[0].device))  # a new list: the grads stay untouched
             if t is not None:  # T²⊙g = T⊙(T⊙g)
-                torch._foreach_mul_(eps, t)
                 torch._foreach_mul_(eps, t)
             torch._foreach_mul_(eps, rho)
             saved = [self._saved_w(q) for q in p]
