@@ -148,7 +148,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
 class _StepTotals:
     """Sums of per-step statistics, kept on the device until the epoch ends (one host sync per epoch)."""
 
-    NAMES = ("loss", "correct", "grad_norm", "perturbed_loss", "perturbed_correct", "perturbation_norm")
+    NAMES = ("loss", "correct", "grad_norm", "perturbed_loss", "perturbed_correct", "perturbation_norm", "skipped")
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -157,7 +157,7 @@ class _StepTotals:
 
     def add(self, result: StepResult, batch_size: int) -> None:
         weights = {"loss": batch_size, "perturbed_loss": batch_size, "grad_norm": 1, "perturbation_norm": 1,
-                   "correct": 1, "perturbed_correct": 1}
+                   "correct": 1, "perturbed_correct": 1, "skipped": 1}
         for name in self.NAMES:
             value = getattr(result, name)
             if value is not None:
@@ -174,6 +174,8 @@ class _StepTotals:
             metrics.update({"train/loss_perturbed": sums["perturbed_loss"] / self.samples,
                             "train/acc_perturbed": sums["perturbed_correct"] / self.samples,
                             "opt/perturbation_norm": sums["perturbation_norm"] / self.steps})
+        if "skipped" in sums:  # fp16: steps the GradScaler skipped for non-finite gradients
+            metrics["opt/skipped_steps"] = sums["skipped"]
         return metrics
 
 

@@ -186,3 +186,16 @@ def test_sam_measure_refuses_a_corrupt_checkpoint_in_one_line(sam_run_dir: Path,
     assert result.returncode == 2
     assert result.stderr.startswith("sam-measure: error: checkpoint") and "corrupt" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_sam_run_learns_on_the_cpu(workdir: Path, precision: str) -> None:
+    result = run_cli("sam-run", *TINY, "optimizer=sam", f"precision={precision}", "sharpness.measures=[]",
+                     f"hydra.run.dir=outputs/{precision}", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    run_dir = workdir / "outputs" / precision
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "completed" and summary["precision"] == precision
+    assert summary["train_acc"] > 0.5  # ten easy synthetic classes: a broken AMP step would stay near 0.1
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("opt/skipped_steps" in last) == (precision == "fp16")
