@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,20 @@ CONFIGS = Path(CONFIG_DIR)
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_TARGETS = {"dataset=custom": "dataset.source._target_=sam_runner.data.synthetic",
                   "model=custom": "model._target_=sam_runner.models.mlp"}
+
+
+LEAF_KEY = re.compile(r"^\s*[\w.]+:\s*\S")  # `key: value` on one line (not a block header, not a list item)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_key_has_a_comment_with_its_meaning(path: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("#"), "each config opens with a comment saying what it is"
+    if path.parent.name == "job_logging":  # Python's logging dictConfig schema, explained by its header
+        return
+    for line in text.splitlines():
+        if LEAF_KEY.match(line) and not line.strip().startswith(("_target_:", "_partial_:")):
+            assert "#" in line, f"{path.name}: no comment on {line.strip()!r}"
 
 
 def options(group: str) -> list[str]:
