@@ -29,7 +29,7 @@ from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, bu
 from sam_runner.config import sharpness_measures, sharpness_options, validate
 from sam_runner.checkpoint import load, write_json_atomic
 from sam_runner.errors import CheckpointError, SamRunnerError
-from sam_runner.logbook import Logbook, read_summary
+from sam_runner.logbook import HPARAM_METRICS, Logbook, read_summary
 from sam_runner.optim import SAM
 from sam_runner.steps import StepResult, train_step
 
@@ -92,24 +92,19 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data
                                cfg.optimizer, settings)
             step += len(data.train)
             train_time = time.perf_counter() - epoch_start
-            train_loss, train_acc = evaluate(model, data.train_eval, autocast_dtype)
-            test_loss, test_acc = evaluate(model, data.test, autocast_dtype)
-            metrics = {**seen,
-                       "train/loss": train_loss, "train/acc": train_acc, "test/loss": test_loss, "test/acc": test_acc,
-                       "gap/acc": train_acc - test_acc, "gap/loss": test_loss - train_loss,
+            summary.update(generalization(model, data, autocast_dtype), epochs_completed=epoch + 1)
+            metrics = {**seen, **{tag: summary[key] for key, tag in HPARAM_METRICS.items()},
                        "opt/lr": scheduler.get_last_lr()[0], "opt/epoch_time_s": train_time,
                        "opt/images_per_s": data.train.num_samples / train_time}
-            summary.update(train_acc=train_acc, test_acc=test_acc, train_loss=train_loss, test_loss=test_loss,
-                           gap_acc=train_acc - test_acc, gap_loss=test_loss - train_loss, epochs_completed=epoch + 1,
-                           wall_time_s=time.perf_counter() - started)
             diverged = not math.isfinite(seen["train/loss_seen"])
             last = epoch + 1 == settings.epochs or diverged
-            if measures and not diverged and (last or (settings.sharpness.every and (epoch + 1) % settings.sharpness.every == 0)):
+            every = settings.sharpness.every
+            if measures and not diverged and (last or (every and (epoch + 1) % every == 0)):
                 summary["sharpness"] = measure(model, data.sharpness, measures, settings, epoch)
                 metrics.update({f"sharpness/{name}": value for name, value in summary["sharpness"].items()})
             if diverged:
-                summary["status"] = "diverged"
-                summary["error"] = f"non-finite training loss in epoch {epoch + 1} (steps {step - len(data.train) + 1}-{step})"
+                summary.update(status="diverged", error=f"non-finite training loss in epoch {epoch + 1} "
+                                                        f"(steps {step - len(data.train) + 1}-{step})")
             elif last:
                 summary["status"] = "completed"
             logbook.log_epoch(epoch + 1, step, metrics)
@@ -118,8 +113,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data
             summary["wall_time_s"] = time.perf_counter() - started
             logbook.write_summary(summary)
             log.info("epoch %3d/%d | train loss %.4f acc %.4f | test loss %.4f acc %.4f | gap %+.4f | lr %.3g | "
-                     "%.1fs %.0f img/s", epoch + 1, settings.epochs, train_loss, train_acc, test_loss, test_acc,
-                     train_acc - test_acc, metrics["opt/lr"], train_time, metrics["opt/images_per_s"])
+                     "%.1fs %.0f img/s", epoch + 1, settings.epochs, summary["train_loss"], summary["train_acc"],
+                     summary["test_loss"], summary["test_acc"], summary["gap_acc"], metrics["opt/lr"], train_time,
+                     metrics["opt/images_per_s"])
             if diverged:
                 log.warning("diverged: %s", summary["error"])
                 break
@@ -177,6 +173,14 @@ class _StepTotals:
         if "skipped" in sums:  # fp16: steps the GradScaler skipped for non-finite gradients
             metrics["opt/skipped_steps"] = sums["skipped"]
         return metrics
+
+
+def generalization(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    """Eval-mode loss and accuracy on the training set (or its fixed subset) and the test set, and their gaps."""
+    train_loss, train_acc = evaluate(model, data.train_eval, autocast_dtype)
+    test_loss, test_acc = evaluate(model, data.test, autocast_dtype)
+    return {"train_acc": train_acc, "test_acc": test_acc, "train_loss": train_loss, "test_loss": test_loss,
+            "gap_acc": train_acc - test_acc, "gap_loss": test_loss - train_loss}
 
 
 @torch.no_grad()
