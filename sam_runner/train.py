@@ -98,20 +98,21 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data
                        "opt/images_per_s": data.train.num_samples / train_time}
             diverged = not math.isfinite(seen["train/loss_seen"])
             last = epoch + 1 == settings.epochs or diverged
-            every = settings.sharpness.every
-            if measures and not diverged and (last or (every and (epoch + 1) % every == 0)):
-                summary["sharpness"] = measure(model, data.sharpness, measures, settings, epoch)
-                metrics.update({f"sharpness/{name}": value for name, value in summary["sharpness"].items()})
             if diverged:
                 summary.update(status="diverged", error=f"non-finite training loss in epoch {epoch + 1} "
                                                         f"(steps {step - len(data.train) + 1}-{step})")
             elif last:
                 summary["status"] = "completed"
-            logbook.log_epoch(epoch + 1, step, metrics)
             checkpoint.save_atomic(_checkpoint_state(model, optimizer, scheduler, scaler, epoch, step, settings),
                                    logbook.run_dir / "checkpoints" / "last.pt")
             summary["wall_time_s"] = time.perf_counter() - started
-            logbook.write_summary(summary)
+            logbook.write_summary(summary)  # the epoch is safe on disk before the (possibly long) measurement
+            every = settings.sharpness.every
+            if measures and not diverged and (last or (every and (epoch + 1) % every == 0)):
+                summary["sharpness"] = measure(model, data.sharpness, measures, settings, epoch)
+                metrics.update({f"sharpness/{name}": value for name, value in summary["sharpness"].items()})
+                logbook.write_summary(summary)
+            logbook.log_epoch(epoch + 1, step, metrics)
             log.info("epoch %3d/%d | train loss %.4f acc %.4f | test loss %.4f acc %.4f | gap %+.4f | lr %.3g | "
                      "%.1fs %.0f img/s", epoch + 1, settings.epochs, summary["train_loss"], summary["train_acc"],
                      summary["test_loss"], summary["test_acc"], summary["gap_acc"], metrics["opt/lr"], train_time,

@@ -199,3 +199,14 @@ def test_mixed_precision_sam_run_learns_on_the_cpu(workdir: Path, precision: str
     assert summary["train_acc"] > 0.5  # ten easy synthetic classes: a broken AMP step would stay near 0.1
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("opt/skipped_steps" in last) == (precision == "fp16")
+
+
+def test_sharpness_every_epoch_is_logged_for_each_epoch(workdir: Path) -> None:
+    result = run_cli("sam-run", *TINY, "epochs=3", "sharpness.every=1", "sharpness.measures=[ascent]",
+                     "hydra.run.dir=outputs/every", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (workdir / "outputs" / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert all("sharpness/ascent" in line for line in lines)
+    summary = read_json(workdir / "outputs" / "every" / "summary.json")
+    assert summary["sharpness"]["ascent"] == lines[-1]["sharpness/ascent"]
