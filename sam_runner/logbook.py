@@ -34,13 +34,20 @@ def _package_version(name: str) -> str | None:
 
 
 def _git_sha() -> str | None:
-    """The commit of the sam-runner source, when it runs from a git checkout (editable installs)."""
+    """The commit of the sam-runner source when it runs from its own git checkout (an editable install).
+
+    An installed copy inside some other repository (a venv in a project) must not report that project's commit.
+    """
+    package = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        result = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
                                 text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    lines = result.stdout.split()
+    if result.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "sam_runner" != package:
+        return None
+    return lines[1]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
