@@ -91,17 +91,23 @@ def _check_writable(directory: Path) -> None:
         raise ConfigError(f"cannot write run outputs under {existing}: choose a writable hydra.run.dir / hydra.sweep.dir")
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate every configuration the command will run, before Hydra launches anything."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own parser, so flags are read exactly as it will
+def hydra_arguments(argv: list[str]) -> argparse.Namespace:
+    """argv read by Hydra's own parser, so flags and overrides are split exactly as Hydra will split them."""
+    from hydra._internal.utils import get_args_parser
 
-    args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
-        return
+    return get_args_parser().parse_args(argv)
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Compose and validate every configuration the command will run, before Hydra launches anything."""
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg or args.config_path:
+        return  # nothing runs, or the user replaced the primary config (Hydra reports its own errors)
     try:
         fixed, variants = _override_variants(args.overrides)
     except HydraException as error:
         raise ConfigError(f"cannot parse the overrides: {_one_line(error)}") from None
+    if args.config_dir:  # the user's own config groups (--config-dir) are searched too
+        fixed.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for variant in variants:
             try:
@@ -135,15 +141,14 @@ def _hydra_job(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
-    argv = sys.argv[1:]
+    args = hydra_arguments(sys.argv[1:])
     try:
-        preflight(argv)
+        preflight(args)
     except SamRunnerError as error:
         _fail(error)
-    if "-m" in argv or "--multirun" in argv:
-        first_rho = _first_rho([a for a in argv if not a.startswith("-")])
-        if first_rho is not None:
-            os.environ[PLAIN_RHO_ENV] = first_rho
+    first_rho = _first_rho(args.overrides) if args.multirun else None
+    if first_rho is not None:
+        os.environ[PLAIN_RHO_ENV] = first_rho
     _hydra_job()
 
 

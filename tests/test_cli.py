@@ -134,6 +134,18 @@ def test_plugin_dataset_and_model_through_target(workdir: Path) -> None:
     assert summary["status"] == "completed" and summary["model"] == "custom"
 
 
+def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
+    (workdir / "my_configs" / "model").mkdir(parents=True)
+    (workdir / "my_configs" / "model" / "wide_mlp.yaml").write_text(
+        "# a wider MLP\n_target_: sam_runner.models.mlp\nhidden: [64, 64]  # widths of the hidden layers\n")
+    result = run_cli("sam-run", "--config-dir", "my_configs", *TINY, "model=wide_mlp", "sharpness.measures=[]",
+                     "epochs=1", "hydra.run.dir=outputs/mine", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert read_json(workdir / "outputs" / "mine" / "summary.json")["model"] == "wide_mlp"
+    unknown = run_cli("sam-run", "--config-dir", "my_configs", *TINY, "model=narrow_mlp", cwd=workdir)
+    assert unknown.returncode == 2 and "wide_mlp" in unknown.stderr  # the user's option is listed too
+
+
 @pytest.mark.parametrize("override, message", [
     ("optimizer=foo", "unknown optimizer 'foo'; choose one of: adamw, asam, sam, sgd"),
     ("optimizer/base=lion", "unknown optimizer/base 'lion'"),
