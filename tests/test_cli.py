@@ -228,3 +228,18 @@ def test_sharpness_every_epoch_is_logged_for_each_epoch(workdir: Path) -> None:
     assert all("sharpness/ascent" in line for line in lines)
     summary = read_json(workdir / "outputs" / "every" / "summary.json")
     assert summary["sharpness"]["ascent"] == lines[-1]["sharpness/ascent"]
+
+
+def test_image_model_with_batchnorm_and_augmentation_trains_under_sam(workdir: Path) -> None:
+    result = run_cli("sam-run", "dataset=synthetic", "dataset.source.input_shape=[3,32,32]",
+                     "dataset.source.num_train=128", "dataset.source.num_test=64",
+                     "dataset.augment={crop_padding:4,horizontal_flip:true}", "model=keskar_c1", "optimizer=sam",
+                     "epochs=1", "batch_size=64", "sharpness.measures=[ascent]", "sharpness.num_samples=64",
+                     "hydra.run.dir=outputs/image", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    run_dir = workdir / "outputs" / "image"
+    assert read_json(run_dir / "summary.json")["status"] == "completed"
+    metrics = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert metrics["opt/perturbation_norm"] == pytest.approx(0.05, rel=1e-4)  # ||eps|| = rho
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert any(key.endswith("running_mean") for key in state["model"])
