@@ -27,10 +27,8 @@ from sam_runner import checkpoint, sharpness
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
                               resolve_device, resolve_precision, target_name)
 from sam_runner.config import sharpness_measures, sharpness_options, validate
-from sam_runner.checkpoint import load, write_json_atomic
 from sam_runner.errors import CheckpointError, SamRunnerError
 from sam_runner.logbook import HPARAM_METRICS, Logbook, read_summary
-from sam_runner.optim import SAM
 from sam_runner.steps import StepResult, train_step
 
 log = logging.getLogger("sam_runner")
@@ -60,7 +58,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch -> %s", hparams["dataset"],
                  hparams["model"], _optimizer_label(hparams), device, precision,
                  sum(p.numel() for p in model.parameters()), len(data.train), run_dir)
-        summary = fit(model, optimizer, scheduler, data, cfg, settings, precision, logbook)
+        fit(model, optimizer, scheduler, data, cfg, settings, precision, logbook, summary)
     except SamRunnerError as error:
         summary.update(status="failed", error=str(error))
         logbook.write_summary(summary)
@@ -74,14 +72,16 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Data, cfg: DictConfig,
-        settings: DictConfig, precision: str, logbook: Logbook) -> dict[str, Any]:
-    """The epoch loop: train, evaluate, log, checkpoint; sharpness every `sharpness.every` epochs and at the end."""
+        settings: DictConfig, precision: str, logbook: Logbook, summary: dict[str, Any]) -> None:
+    """The epoch loop: train, evaluate, log, checkpoint; sharpness every `sharpness.every` epochs and at the end.
+
+    Updates `summary` in place after every epoch, so whoever holds it knows how far the run got if it fails.
+    """
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     autocast_dtype = AUTOCAST_DTYPES[precision]
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     measures = _measures_for(model, settings)
-    summary: dict[str, Any] = {"status": "running", "epochs_completed": 0}
     started = time.perf_counter()
     step = 0
     epochs = tqdm(range(settings.epochs), desc="epochs", disable=not SHOW_PROGRESS, leave=False)
@@ -120,7 +120,6 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data
             if diverged:
                 log.warning("diverged: %s", summary["error"])
                 break
-    return summary
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Data, epoch: int,
@@ -146,6 +145,7 @@ class _StepTotals:
     """Sums of per-step statistics, kept on the device until the epoch ends (one host sync per epoch)."""
 
     NAMES = ("loss", "correct", "grad_norm", "perturbed_loss", "perturbed_correct", "perturbation_norm", "skipped")
+    PER_SAMPLE = ("loss", "perturbed_loss")  # batch means: weighted by batch size; the others are summed as they are
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -153,12 +153,10 @@ class _StepTotals:
         self.steps = 0
 
     def add(self, result: StepResult, batch_size: int) -> None:
-        weights = {"loss": batch_size, "perturbed_loss": batch_size, "grad_norm": 1, "perturbation_norm": 1,
-                   "correct": 1, "perturbed_correct": 1, "skipped": 1}
         for name in self.NAMES:
             value = getattr(result, name)
             if value is not None:
-                contribution = value.detach().float() * weights[name]
+                contribution = value.detach().float() * (batch_size if name in self.PER_SAMPLE else 1)
                 self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
         self.samples += batch_size
         self.steps += 1
@@ -233,7 +231,7 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
             OmegaConf.update(cfg, key, value)
     settings = validate(cfg)
     target = resolve_device(settings.device.value)
-    state = load(checkpoint_path or run_dir / "checkpoints" / "last.pt", map_location=target)
+    state = checkpoint.load(checkpoint_path or run_dir / "checkpoints" / "last.pt", map_location=target)
     _seed_everything(settings.seed)
     data = build_data(cfg, settings, target)
     model = build_model(cfg.model, data.num_classes, data.input_shape).to(target)
@@ -244,7 +242,7 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     result = measure(model, data.sharpness, _measures_for(model, settings), settings)
     summary = read_summary(run_dir) or {}
     summary["sharpness"] = result
-    write_json_atomic(summary, run_dir / "summary.json")
+    checkpoint.write_json_atomic(summary, run_dir / "summary.json")
     return result
 
 
@@ -279,7 +277,7 @@ def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str) -> d
     """A plain optimizer ignores rho: in a rho sweep only its run at the sweep's first rho trains."""
     summary = {"status": "duplicate", "epochs_completed": 0,
                "error": f"{hparams['optimizer']} ignores rho; see the run with rho={plain_rho}", **hparams}
-    write_json_atomic(summary, run_dir / "summary.json")
+    checkpoint.write_json_atomic(summary, run_dir / "summary.json")
     log.info("skipped: %s", summary["error"])
     return summary
 
