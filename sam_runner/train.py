@@ -6,7 +6,6 @@ per epoch, so a GPU is never stalled by a per-step host sync.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -23,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sam_runner import checkpoint, sharpness
+from sam_runner import checkpoint, saved_run, sharpness
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
                               resolve_device, resolve_precision, target_name)
 from sam_runner.config import sharpness_measures, sharpness_options, validate
-from sam_runner.errors import CheckpointError, SamRunnerError
+from sam_runner.errors import SamRunnerError
 from sam_runner.logbook import HPARAM_METRICS, Logbook, read_summary
 from sam_runner.steps import StepResult, train_step
 
@@ -50,7 +48,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
     summary: dict[str, Any] = {"status": "running", "epochs_completed": 0}
     logbook.write_summary(summary)
     try:
-        _seed_everything(settings.seed)
+        saved_run.seed_everything(settings.seed)
         data = build_data(cfg, settings, device)
         model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
         optimizer = build_optimizer(cfg.optimizer, settings.rho, model)
@@ -219,27 +217,10 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
                        rho: float | None = None, num_samples: int | None = None, device: str | None = None
                        ) -> dict[str, float]:
     """Rebuild a finished (or interrupted) run from run.json, load its weights and measure them."""
-    info_path = run_dir / "run.json"
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{info_path} is missing or unreadable ({error}): pass a run directory written by sam-run") from None
-    cfg = OmegaConf.create(info["config"])
-    for key, value in {"sharpness.measures": measures, "sharpness.rho": rho, "sharpness.num_samples": num_samples,
-                       "device": device}.items():
-        if value is not None:
-            OmegaConf.update(cfg, key, value)
-    settings = validate(cfg)
-    target = resolve_device(settings.device.value)
-    state = checkpoint.load(checkpoint_path or run_dir / "checkpoints" / "last.pt", map_location=target)
-    _seed_everything(settings.seed)
-    data = build_data(cfg, settings, target)
-    model = build_model(cfg.model, data.num_classes, data.input_shape).to(target)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint does not match the run's model ({str(error).splitlines()[0]})") from None
-    result = measure(model, data.sharpness, _measures_for(model, settings), settings)
+    run = saved_run.load(run_dir, checkpoint_path=checkpoint_path,
+                         overrides={"sharpness.measures": measures, "sharpness.rho": rho,
+                                    "sharpness.num_samples": num_samples, "device": device})
+    result = measure(run.model, run.data.sharpness, _measures_for(run.model, run.settings), run.settings)
     summary = read_summary(run_dir) or {}
     summary["sharpness"] = result
     checkpoint.write_json_atomic(summary, run_dir / "summary.json")
@@ -280,12 +261,6 @@ def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str) -> d
     checkpoint.write_json_atomic(summary, run_dir / "summary.json")
     log.info("skipped: %s", summary["error"])
     return summary
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
 
 
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
