@@ -48,14 +48,20 @@ def _partial(node: DictConfig, where: str) -> Callable[..., Any]:
 
 @dataclass
 class Data:
-    """The streams a run reads. Eval streams are unaugmented; `sharpness` is a fixed, seeded subset."""
+    """The streams a run reads. Eval streams are unaugmented; `sharpness` is a fixed, seeded subset.
+
+    `val` is a seeded split carved from the training set (`dataset.val_fraction`), never from the test set;
+    `train`, `train_eval` and `sharpness` hold only the rest.
+    """
 
     train: BatchStream
     train_eval: BatchStream
+    val: BatchStream | None
     test: BatchStream
     sharpness: list[tuple[torch.Tensor, torch.Tensor]]
     num_classes: int
     input_shape: tuple[int, ...]
+    majority_fraction: float  # share of the most frequent training label: the accuracy of guessing
 
 
 def _seeded_subset(inputs: torch.Tensor, targets: torch.Tensor, size: int | None, seed: int
@@ -64,6 +70,19 @@ def _seeded_subset(inputs: torch.Tensor, targets: torch.Tensor, size: int | None
         return inputs, targets
     chosen = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:size]
     return inputs[chosen], targets[chosen]
+
+
+def split_validation(inputs: torch.Tensor, targets: torch.Tensor, fraction: float, seed: int
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """(train, val): a seeded random `fraction` of the samples held out; (everything, None) when fraction is 0."""
+    held_out = round(fraction * len(targets))
+    if held_out == 0:
+        return (inputs, targets), None
+    if held_out == len(targets):
+        raise ConfigError(f"dataset.val_fraction={fraction} leaves no training samples: lower it")
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:held_out], order[held_out:]
+    return (inputs[train], targets[train]), (inputs[val], targets[val])
 
 
 def build_data(cfg: DictConfig, settings: DictConfig, device: torch.device) -> Data:
@@ -78,16 +97,22 @@ def build_data(cfg: DictConfig, settings: DictConfig, device: torch.device) -> D
     if len(y_train) == 0 or len(y_test) == 0:
         raise DataError(f"dataset {cfg.dataset.name}: the training or test set is empty")
     num_classes = cfg.dataset.num_classes or infer_num_classes(y_train)
+    (x_train, y_train), held_out = split_validation(x_train, y_train, cfg.dataset.get("val_fraction") or 0.0,
+                                                    cfg.dataset.get("val_seed") or 0)
     common = {"device": device, "normalize": cfg.dataset.normalize, "seed": settings.seed}
     train = BatchStream(x_train, y_train, batch_size=settings.batch_size, shuffle=True,
                         augment=cfg.dataset.augment, **common)
     x_eval, y_eval = _seeded_subset(x_train, y_train, settings.eval.train_subset, settings.seed)
     train_eval = BatchStream(x_eval, y_eval, batch_size=settings.eval.batch_size, shuffle=False, **common)
     test = BatchStream(x_test, y_test, batch_size=settings.eval.batch_size, shuffle=False, **common)
+    val = None if held_out is None else \
+        BatchStream(*held_out, batch_size=settings.eval.batch_size, shuffle=False, **common)
     x_sharp, y_sharp = _seeded_subset(x_train, y_train, settings.sharpness.num_samples, settings.seed + 1)
     sharpness = list(BatchStream(x_sharp, y_sharp, batch_size=settings.sharpness.batch_size, shuffle=False,
                                  **common).epoch(0))
-    return Data(train, train_eval, test, sharpness, int(num_classes), tuple(x_train.shape[1:]))
+    majority_fraction = torch.bincount(y_train).max().item() / len(y_train)
+    return Data(train, train_eval, val, test, sharpness, int(num_classes), tuple(x_train.shape[1:]),
+                majority_fraction)
 
 
 def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
@@ -102,25 +127,28 @@ def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]
     return model
 
 
-def build_optimizer(node: DictConfig, rho: float, model: nn.Module) -> torch.optim.Optimizer:
-    """The base optimizer alone, or SAM/ASAM wrapped around it (the `sam` node is null for plain ones)."""
+def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -> torch.optim.Optimizer:
+    """The base optimizer alone, or SAM/ASAM wrapped around it (the `sam` node is null for plain ones).
+
+    `lr` is the run's peak lr after batch-size scaling (plan.py); it replaces the one the config node holds.
+    """
     make_base = _partial(node.base.build, "optimizer.base.build")
     try:
         if node.sam is None:
-            return make_base(model.parameters())
+            return make_base(model.parameters(), lr=lr)
         return SAM(model.parameters(), make_base, rho=rho, adaptive=node.sam.adaptive, eta=node.sam.eta,
-                   perturb_weight_decay=node.sam.perturb_weight_decay)
+                   perturb_weight_decay=node.sam.perturb_weight_decay, lr=lr)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {node.name}: {error}") from None
 
 
-def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int
                     ) -> torch.optim.lr_scheduler.LRScheduler:
     make_scheduler = _partial(node, "scheduler")
     # SAM shares its param_groups with the base optimizer, whose step() the scheduler sees being called.
     stepped = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
     try:
-        return make_scheduler(stepped, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        return make_scheduler(stepped, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     except TypeError as error:
         raise ConfigError(f"scheduler ({node._target_}): {error}") from None
 

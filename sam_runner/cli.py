@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -120,9 +121,15 @@ def preflight(args: argparse.Namespace) -> None:
             _check_writable(Path(output))
 
 
+def objective(summary: dict[str, Any]) -> float | None:
+    """What a Hydra sweeper (Optuna) maximizes: validation accuracy when the run holds out a split
+    (`dataset.val_fraction`), else test accuracy — tuning on the test set is only a fallback."""
+    return summary.get("val_acc", summary.get("test_acc"))
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _hydra_job(cfg: DictConfig) -> float | None:
-    """One Hydra job = one run. Returns the final test accuracy (the objective for Hydra sweepers)."""
+    """One Hydra job = one run. Returns its `objective` for Hydra sweepers."""
     from sam_runner import train  # imported here so `sam-run --help` stays fast
 
     hydra_config = HydraConfig.get()
@@ -136,7 +143,7 @@ def _hydra_job(cfg: DictConfig) -> float | None:
             _fail(error)
         print(f"sam-run: run {hydra_config.job.num} failed: {error}", file=sys.stderr)
         return None
-    return summary.get("test_acc")
+    return objective(summary)
 
 
 def main() -> None:

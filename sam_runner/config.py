@@ -23,6 +23,17 @@ class Device(Enum):
     cuda = "cuda"
 
 
+class LrScaling(Enum):
+    none = "none"
+    linear = "linear"
+    sqrt = "sqrt"
+
+
+class Budget(Enum):
+    epochs = "epochs"
+    steps = "steps"
+
+
 class Precision(Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -34,6 +45,18 @@ class Precision(Enum):
 class EvalSchema:
     batch_size: int = 1024
     train_subset: Optional[int] = None
+    every: int = 1
+
+
+@dataclass
+class CheckpointSchema:
+    every: int = 1
+
+
+@dataclass
+class StopSchema:
+    train_acc: Optional[float] = None
+    train_loss: Optional[float] = None
 
 
 @dataclass
@@ -52,8 +75,12 @@ class TopLevelSchema:
 
     rho: float = 0.05
     lr: float = 0.05
+    lr_scaling: LrScaling = LrScaling.none
+    lr_reference_batch_size: int = 128
     batch_size: int = 128
+    budget: Budget = Budget.epochs
     epochs: int = 60
+    steps: Optional[int] = None
     seed: int = 0
     device: Device = Device.auto
     precision: Precision = Precision.auto
@@ -62,6 +89,8 @@ class TopLevelSchema:
     max_grad_norm: Optional[float] = None
     progress_every: int = 25
     eval: EvalSchema = field(default_factory=EvalSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    stop: StopSchema = field(default_factory=StopSchema)
     sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
 
 
@@ -132,6 +161,19 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(top.lr > 0, f"lr must be > 0 (got {top.lr})")
     _require(top.batch_size > 0, f"batch_size must be > 0 (got {top.batch_size})")
     _require(top.epochs > 0, f"epochs must be > 0 (got {top.epochs})")
+    _require(top.lr_reference_batch_size > 0,
+             f"lr_reference_batch_size must be > 0 samples (got {top.lr_reference_batch_size})")
+    _require(top.budget != Budget.steps or (top.steps is not None and top.steps > 0),
+             f"budget=steps needs steps > 0 optimizer updates (got steps={top.steps}): e.g. steps=2000")
+    _require(top.stop.train_acc is None or 0 < top.stop.train_acc <= 1,
+             f"stop.train_acc must be a fraction in (0, 1] or null (got {top.stop.train_acc})")
+    _require(top.stop.train_loss is None or top.stop.train_loss > 0,
+             f"stop.train_loss must be > 0 or null (got {top.stop.train_loss})")
+    _require(top.eval.every > 0, f"eval.every must be >= 1 epoch (got {top.eval.every})")
+    _require(top.checkpoint.every > 0, f"checkpoint.every must be >= 1 epoch (got {top.checkpoint.every})")
+    val_fraction = cfg.get("dataset", {}).get("val_fraction") or 0.0
+    _require(isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1,
+             f"dataset.val_fraction must be in [0, 1) (got {val_fraction}): the share of the training set held out")
     _require(0 <= top.label_smoothing < 1, f"label_smoothing must be in [0, 1) (got {top.label_smoothing})")
     _require(top.max_grad_norm is None or top.max_grad_norm > 0,
              f"max_grad_norm must be > 0 or null (got {top.max_grad_norm})")

@@ -11,6 +11,10 @@ import math
 import platform
 import socket
 import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,29 @@ from sam_runner.checkpoint import write_json_atomic
 
 # Final metrics shown in TensorBoard's HParams table (summary.json key -> scalar tag).
 HPARAM_METRICS = {"train_acc": "train/acc", "test_acc": "test/acc", "gap_acc": "gap/acc",
-                  "train_loss": "train/loss", "test_loss": "test/loss", "gap_loss": "gap/loss"}
+                  "train_loss": "train/loss", "test_loss": "test/loss", "gap_loss": "gap/loss",
+                  "val_acc": "val/acc", "val_loss": "val/loss"}
+
+
+class Stopwatch:
+    """Seconds a run spends per phase (train, eval, checkpoint, sharpness), so its cost can be read apart."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - began
+
+    def times(self) -> dict[str, float]:
+        """`<phase>_time_s` for every phase so far, and `wall_time_s` since the stopwatch was made."""
+        return {**{f"{phase}_time_s": value for phase, value in self.seconds.items()},
+                "wall_time_s": time.perf_counter() - self.started}
 
 
 def _package_version(name: str) -> str | None:

@@ -2,7 +2,9 @@
 
 Each builder returns a `LambdaLR` whose state is a step counter, so a checkpoint restores the schedule
 exactly. Builders share one signature, so a user's own schedule plugs in through `scheduler._target_`:
-`builder(optimizer, *, steps_per_epoch, epochs, **its own keys) -> LRScheduler`.
+`builder(optimizer, *, steps_per_epoch, total_steps, **its own keys) -> LRScheduler`. `total_steps` is the
+run's planned number of optimizer updates (its epoch or step budget, see plan.py); stopping early at a target
+does not compress the schedule.
 """
 
 from __future__ import annotations
@@ -50,29 +52,28 @@ def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) 
     return min(total_steps, round(warmup_epochs * steps_per_epoch))
 
 
-def cosine(optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0,
+def cosine(optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, warmup_epochs: float = 0.0,
            min_lr_fraction: float = 0.0) -> LambdaLR:
     """Cosine decay to `min_lr_fraction` of the peak lr, after linear warm-up."""
     if not 0.0 <= min_lr_fraction <= 1.0:
         raise ConfigError(f"scheduler.min_lr_fraction must be in [0, 1] (got {min_lr_fraction})")
-    total = steps_per_epoch * epochs
-    schedule = _Schedule(total, _warmup_steps(warmup_epochs, steps_per_epoch, total), "cosine",
+    schedule = _Schedule(total_steps, _warmup_steps(warmup_epochs, steps_per_epoch, total_steps), "cosine",
                          min_lr_fraction=min_lr_fraction)
     return LambdaLR(optimizer, schedule)
 
 
-def step(optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0,
+def step(optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, warmup_epochs: float = 0.0,
          milestones: Sequence[float] = (0.3, 0.6, 0.8), gamma: float = 0.2) -> LambdaLR:
     """Multiply the lr by `gamma` at each milestone, given as a fraction of the run."""
     if any(not 0.0 < m < 1.0 for m in milestones) or list(milestones) != sorted(milestones):
         raise ConfigError(f"scheduler.milestones must be increasing fractions in (0, 1) (got {list(milestones)})")
-    total = steps_per_epoch * epochs
-    schedule = _Schedule(total, _warmup_steps(warmup_epochs, steps_per_epoch, total), "step",
-                         milestones=tuple(round(m * total) for m in milestones), gamma=gamma)
+    schedule = _Schedule(total_steps, _warmup_steps(warmup_epochs, steps_per_epoch, total_steps), "step",
+                         milestones=tuple(round(m * total_steps) for m in milestones), gamma=gamma)
     return LambdaLR(optimizer, schedule)
 
 
-def constant(optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0.0) -> LambdaLR:
+def constant(optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, warmup_epochs: float = 0.0
+             ) -> LambdaLR:
     """The peak lr throughout, after linear warm-up."""
-    total = steps_per_epoch * epochs
-    return LambdaLR(optimizer, _Schedule(total, _warmup_steps(warmup_epochs, steps_per_epoch, total), "constant"))
+    warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
+    return LambdaLR(optimizer, _Schedule(total_steps, warmup, "constant"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -189,12 +190,25 @@ def test_missing_cifar_offline_names_the_fix(workdir: Path) -> None:
     assert read_json(workdir / "outputs" / "cifar" / "summary.json")["status"] == "failed"
 
 
-def test_sam_measure_remeasures_a_checkpoint(sam_run_dir: Path, tmp_path: Path) -> None:
-    result = run_cli("sam-measure", str(sam_run_dir), "--measures", "trace,average", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    sharpness = read_json(sam_run_dir / "summary.json")["sharpness"]
-    assert {"trace", "trace_stderr", "average", "average_stderr"} <= sharpness.keys()
-    assert "trace" in result.stdout
+def test_sam_measure_adds_measurements_at_two_radii_and_keeps_the_runs_own(sam_run_dir: Path, tmp_path: Path
+                                                                              ) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(sam_run_dir, run_dir)  # the shared run stays as it was for the other tests
+    before = read_json(run_dir / "summary.json")
+    for rho in ("0.1", "0.2"):
+        result = run_cli("sam-measure", str(run_dir), "--measures", "ascent,average", "--rho", rho, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "average" in result.stdout
+    summary = read_json(run_dir / "summary.json")
+    assert summary["sharpness"] == before["sharpness"]  # the run's own end-of-run values stay
+    own, *added = summary["measurements"]
+    assert own == before["measurements"][0] and own["source"] == "sam-run" and own["rho"] == 0.05
+    assert [(m["source"], m["rho"]) for m in added] == [("sam-measure", 0.1), ("sam-measure", 0.2)]
+    for record in added:
+        assert {"ascent", "average", "average_stderr"} <= record["values"].keys()
+        assert record["epoch"] == 2 and record["model_mode"] == "eval" and record["num_samples"] == 128
+        assert record["options"]["average_samples"] > 0  # every option stored with its value
+    assert added[0]["values"]["ascent"] != added[1]["values"]["ascent"]  # two radii, two numbers
 
 
 def test_sam_measure_refuses_a_corrupt_checkpoint_in_one_line(sam_run_dir: Path, tmp_path: Path) -> None:

@@ -72,11 +72,13 @@ def test_every_model_config_instantiates(name: str) -> None:
 def test_every_optimizer_builds_with_every_base(name: str, base: str) -> None:
     cfg = composed(f"optimizer={name}", f"optimizer/base={base}")
     model = torch.nn.Linear(3, 2)
-    optimizer = build_optimizer(cfg.optimizer, cfg.rho, model)
+    optimizer = build_optimizer(cfg.optimizer, cfg.rho, 0.25 * cfg.lr, model)
     assert isinstance(optimizer, SAM) == (cfg.optimizer.sam is not None)
     base_class = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[base]
-    assert isinstance(getattr(optimizer, "base_optimizer", optimizer), base_class)
-    assert optimizer.param_groups[0]["lr"] == cfg.lr == cfg.optimizer.base.default_lr
+    base_optimizer = getattr(optimizer, "base_optimizer", optimizer)
+    assert isinstance(base_optimizer, base_class)
+    assert cfg.lr == cfg.optimizer.base.default_lr  # the config's lr, replaced by the plan's (scaled) one:
+    assert optimizer.param_groups[0]["lr"] == base_optimizer.defaults["lr"] == 0.25 * cfg.lr
 
 
 def test_plain_optimizers_have_no_rho_and_sam_rho_defaults_per_method() -> None:
@@ -101,7 +103,7 @@ def test_launcher_presets_compose(name: str) -> None:
 def _lrs(name: str, steps_per_epoch: int, epochs: int, **keys: object) -> list[float]:
     cfg = composed(f"scheduler={name}", *[f"scheduler.{k}={v}" for k, v in keys.items()])
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, epochs)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, steps_per_epoch * epochs)
     lrs = []
     for _ in range(steps_per_epoch * epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
