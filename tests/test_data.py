@@ -295,7 +295,8 @@ def test_dataset_yaml_is_complete_and_commented(path, tmp_path):
     text = path.read_text()
     assert text.startswith("# ")
     cfg = load_dataset_config(path.stem, tmp_path)
-    assert set(cfg) == {"name", "num_classes", "source", "normalize", "augment"} and cfg.name == path.stem
+    keys = {"name", "num_classes", "source", "normalize", "augment", "val_fraction", "val_seed"}
+    assert set(cfg) == keys and cfg.name == path.stem
     if path.stem == "custom":
         assert OmegaConf.is_missing(cfg.source, "_target_") and cfg.num_classes is None
         return
