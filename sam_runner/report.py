@@ -229,8 +229,11 @@ def format_metric(value: Any) -> str:
 
 
 def format_measure(value: Any) -> str:
-    """Sharpness values span orders of magnitude: four significant digits."""
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    """Sharpness values span orders of magnitude: four significant digits, whole numbers from 1000 up (no
+    exponent for step counts and large traces)."""
+    if not isinstance(value, float):
+        return "-" if value is None else str(value)
+    return f"{value:.0f}" if math.isfinite(value) and abs(value) >= 1000 else f"{value:.4g}"
 
 
 def status_label(run: Run) -> str:
