@@ -28,6 +28,8 @@ HPARAM_KEYS = ("protocol", "dataset", "model", "optimizer", "base_optimizer", "r
                "steps_budget", "stop_train_acc", "stop_train_loss", "scheduler", "label_smoothing", "max_grad_norm",
                "val_fraction", "precision", "device", "seed")
 GROUP_KEYS = tuple(key for key in HPARAM_KEYS if key != "seed")
+# Options of the SAM step: null for plain optimizers (rho null as well).
+SAM_ONLY_KEYS = ("adaptive", "eta", "adaptive_params", "micro_batch_size", "weight_decay_in_perturbation")
 # What a run produced (besides sharpness, status and error).
 OUTCOME_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "val_acc", "val_loss",
                 "epochs_completed", "steps_completed", "target_reached", "target_epoch", "target_step", "at_chance",
@@ -123,11 +125,15 @@ def measured_columns(runs: list[Run]) -> list[str]:
 
 
 def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
-    """`sgd`, `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05`: SGD is the default base, so it is not spelt out."""
+    """What ran: `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05` (SGD is SAM's default base, so it is not spelt
+    out); a plain optimizer (no rho) is its base optimizer, which is what steps (`optimizer=sgd
+    optimizer/base=adamw` is `adamw`)."""
     name = str(summary.get("optimizer") or "?")
     base = summary.get("base_optimizer")
-    label = f"{name}({base})" if base not in (None, name, "sgd") else name
     rho = finite(summary.get("rho"))
+    if summary.get("rho") is None:
+        return str(base or name)
+    label = f"{name}({base})" if base not in (None, name, "sgd") else name
     return f"{label} ρ={rho:g}" if with_rho and rho is not None else label
 
 
@@ -249,7 +255,15 @@ def target_label(run: Run) -> str:
 
 
 def varying_keys(summaries: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
-    return [key for key in keys if len({json.dumps(summary.get(key), sort_keys=True) for summary in summaries}) > 1]
+    """The keys whose values differ; a SAM-only option varies only when it differs between SAM runs (plain
+    optimizers record it as null)."""
+    sam_runs = [summary for summary in summaries if summary.get("rho") is not None]
+
+    def differs(key: str) -> bool:
+        among = sam_runs if key in SAM_ONLY_KEYS else summaries
+        return len({json.dumps(summary.get(key), sort_keys=True) for summary in among}) > 1
+
+    return [key for key in keys if differs(key)]
 
 
 def setting_columns(summaries: list[dict[str, Any]]) -> list[str]:

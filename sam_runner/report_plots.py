@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # before pyplot: files only, also on machines without a d
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from sam_runner.report import GROUP_KEYS, Run, finite, optimizer_label  # noqa: E402
+from sam_runner.report import GROUP_KEYS, Run, finite, format_setting, optimizer_label, varying_keys  # noqa: E402
 from sam_runner.report_stats import Correlation, Group, describe  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -38,8 +38,8 @@ def _hidden(settings: dict[str, Any], x_key: str) -> set[str]:
 
 
 def _lines(groups: list[Group], x_key: str) -> list[tuple[str, list[Group]]]:
-    """Groups joined into lines that differ only in `x_key`, each labelled by its optimizer and by the other
-    settings that tell the lines apart."""
+    """Groups joined into lines that differ only in `x_key`, each labelled by its optimizer and, where lines
+    share that label, by the settings that tell them apart (`sgd · lr_scaling=sqrt`)."""
     lines: dict[str, list[Group]] = {}
     for group in groups:
         hidden = _hidden(group.settings, x_key)
@@ -47,15 +47,21 @@ def _lines(groups: list[Group], x_key: str) -> list[tuple[str, list[Group]]]:
                               sort_keys=True)
         lines.setdefault(identity, []).append(group)
     firsts = [members[0].settings for members in lines.values()]
+    labels = [optimizer_label(settings, with_rho=x_key != "rho") for settings in firsts]
     ignore = set(LABELLED).union(*(_hidden(settings, x_key) for settings in firsts))
-    varying = [key for key in GROUP_KEYS if key not in ignore
-               and len({json.dumps(settings.get(key)) for settings in firsts}) > 1]
+    candidates = tuple(key for key in GROUP_KEYS if key not in ignore)
     labelled = []
-    for settings, members in zip(firsts, lines.values()):
-        extra = ", ".join(f"{key}={settings.get(key)}" for key in varying)
-        label = optimizer_label(settings, with_rho=x_key != "rho")
+    for settings, label, members in zip(firsts, labels, lines.values()):
+        namesakes = [other for other, other_label in zip(firsts, labels) if other_label == label]
+        extra = ", ".join(f"{key}={format_setting(settings.get(key))}" for key in varying_keys(namesakes, candidates))
         labelled.append((f"{label} · {extra}" if extra else label, members))
     return labelled
+
+
+def _legend_beside(axis: Any, handles: list[Line2D] | None = None) -> None:
+    """The legend right of the axes, so long labels never cover data (savefig's tight box keeps it)."""
+    kwargs = {"handles": handles} if handles is not None else {}
+    axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)
 
 
 def _log_x_if_wide(axis: Any, values: list[float]) -> None:
@@ -105,14 +111,14 @@ def versus_batch_size(groups: list[Group], out_dir: Path, prefix: str, title: st
     lines = _lines(groups, "batch_size")
     written = []
     for name, metrics in (("test_acc_vs_batch_size", ("test_acc",)), ("gap_vs_batch_size", ("gap_acc", "gap_loss"))):
-        figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+        figure, axes = plt.subplots(1, len(metrics), figsize=(1.5 + 5 * len(metrics), 4.2), squeeze=False)
         for axis, metric in zip(axes[0], metrics):
             xs = _errorbar_lines(axis, lines, "batch_size", metric, dodge=1.04)
             axis.set_xscale("log")
             _ticks_at(axis, xs)
             axis.set(xlabel="batch size", ylabel=METRIC_TITLES[metric])
             axis.grid(alpha=0.3)
-            axis.legend(fontsize="small")
+        _legend_beside(axes[0][-1])  # one legend for the panels
         figure.suptitle(f"{title}\nmean ± std over seeds", fontsize="medium")
         written.append(_finish(figure, out_dir / f"{prefix}{name}.png"))
     return written
@@ -121,7 +127,7 @@ def versus_batch_size(groups: list[Group], out_dir: Path, prefix: str, title: st
 def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> Path:
     """Test accuracy against rho, one line per other setting; plain optimizers (no rho) as dashed levels with
     their ± std band."""
-    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    figure, axis = plt.subplots(figsize=(8.5, 4.4))
     sam_lines = _lines([group for group in groups if finite(group.settings["rho"]) is not None], "rho")
     xs = _errorbar_lines(axis, sam_lines, "rho", "test_acc")
     plain_lines = _lines([group for group in groups if finite(group.settings["rho"]) is None], "rho")
@@ -135,7 +141,7 @@ def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> P
     _ticks_at(axis, xs)
     axis.set(xlabel="ρ (SAM radius)", ylabel="test accuracy")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    _legend_beside(axis)
     figure.suptitle(f"{title}\nmean ± std over seeds", fontsize="medium")
     return _finish(figure, out_dir / f"{prefix}test_acc_vs_rho.png")
 
@@ -170,7 +176,7 @@ def sharpness_versus_gap(runs: list[Run], correlation: Correlation, out_dir: Pat
     _log_x_if_wide(axis, [run.sharpness[correlation.column] for run in completed])
     axis.set(xlabel=correlation.column, ylabel=METRIC_TITLES[correlation.gap])
     axis.grid(alpha=0.3)
-    axis.legend(handles=handles, fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend_beside(axis, handles)
     tau = correlation.overall.text() or f"needs 3 runs (n={correlation.overall.n})"
     axis.set_title(f"{title}\n{correlation.column} vs gap: Kendall τ = {tau}", fontsize="medium")
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", correlation.column.replace("@", "_at_"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from scipy import stats
 from conftest import run_cli
 from sam_runner import sharpness
 from sam_runner.report import (MEASURE_ORDER, RADIUS_FREE_MEASURES, RADIUS_MEASURES, ReportError, SweepTable, collect,
-                               find_runs, format_table, sharpness_columns)
+                               find_runs, format_table, optimizer_label, sharpness_columns)
 from sam_runner.report_files import write_report
+from sam_runner.report_plots import _lines
 from sam_runner.report_stats import correlations, group_runs
 
 PROTOCOL = "same lr, 30 epochs, stop at train acc 0.99"
@@ -323,3 +325,28 @@ def test_sam_report_without_runs_is_one_line_per_path_and_exit_2(tmp_path: Path)
     assert len(lines) == 2 and all(line.startswith("sam-report: error: ") for line in lines)
     assert "empty: no summary.json" in lines[0] and "missing: no such directory" in lines[1]
     assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_optimizer_labels_say_what_ran() -> None:
+    assert optimizer_label({"optimizer": "sam", "base_optimizer": "adamw", "rho": 0.05}) == "sam(adamw)"
+    assert optimizer_label({"optimizer": "sam", "base_optimizer": "sgd", "rho": 0.05}, with_rho=True) == "sam ρ=0.05"
+    assert optimizer_label({"optimizer": "sgd", "base_optimizer": "adamw", "rho": None}) == "adamw"  # plain AdamW
+
+
+def test_a_line_across_batch_sizes_holds_together_when_lr_and_epochs_follow_the_batch_size(tmp_path: Path) -> None:
+    """sqrt lr scaling and a step budget change lr and epochs with the batch size: still one line per optimizer."""
+    for job, (optimizer, batch_size) in enumerate(itertools.product(("sgd", "sam"), (32, 512))):
+        write_run(tmp_path, f"{job}_x", optimizer=optimizer, base_optimizer="sgd",
+                  rho=0.05 if optimizer == "sam" else None, lr_base=0.1, lr_scaling="sqrt",
+                  lr=0.1 * math.sqrt(batch_size / 32), batch_size=batch_size, budget="steps", steps_budget=1000,
+                  epochs=math.ceil(1000 * batch_size / 4000), status="completed", test_acc=0.7)
+    lines = _lines(group_runs(find_runs([tmp_path])), "batch_size")
+    assert [(label, len(members)) for label, members in lines] == [("sgd", 2), ("sam ρ=0.05", 2)]
+
+
+def test_a_sam_only_option_is_a_column_only_when_it_differs_between_sam_runs(tmp_path: Path) -> None:
+    write_run(tmp_path, "0_x", optimizer="sgd", rho=None, adaptive=None, status="completed")
+    write_run(tmp_path, "1_x", optimizer="sam", rho=0.05, adaptive=False, status="completed")
+    assert "adaptive" not in format_table(collect(tmp_path)).splitlines()[0].split()
+    write_run(tmp_path, "2_x", optimizer="asam", rho=1.0, adaptive=True, status="completed")
+    assert "adaptive" in format_table(collect(tmp_path)).splitlines()[0].split()
