@@ -186,7 +186,8 @@ def find_runs(paths: list[Path], skip: Path | None = None) -> list[Run]:
     problems, run_dirs = [], set()
     for path in paths:
         if not path.is_dir():
-            problems.append(f"{path}: no such directory (give a sweep or run directory written by sam-run)")
+            problems.append(f"{path}: {'not a directory' if path.exists() else 'no such directory'} (give a sweep or "
+                            "run directory written by sam-run)")
             continue
         found = _run_dirs(path, skip)
         if not found:
@@ -231,7 +232,9 @@ def format_setting(value: Any) -> str:
 
 def format_metric(value: Any) -> str:
     """Accuracies, losses and gaps: four decimals (a tenth of a test sample on a 1000-sample test set)."""
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def format_measure(value: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class Report:
     """What `sam-report` produced: the markdown (also printed) and every file written."""
 
     markdown: str
-    files: list[Path] = field(default_factory=list)
+    files: list[Path]
 
 
 def _stat_cell(stat: Stat, key: str, n_completed: int) -> str:
@@ -64,7 +64,8 @@ def _tau_table(found: list[Correlation]) -> tuple[list[str], list[list[str]]]:
     header = ["measure", "gap", "all runs", *(f"batch {size}" for size in sizes),
               *(["mean over batch sizes"] if sizes else [])]
     rows = [[item.column, item.gap, item.overall.text(), *(item.by_batch_size[size].text() for size in sizes),
-             *([f"{item.granulated:+.2f} ({item.granulated_groups} sizes)" if item.granulated is not None else ""]
+             *([f"{item.granulated:+.2f} ({item.granulated_groups} of {len(sizes)} sizes)"
+                if item.granulated is not None else ""]
                if sizes else [])] for item in found]
     return header, rows
 
@@ -152,15 +153,8 @@ def _groups_csv(groups: list[Group], path: Path) -> Path:
     return _write_csv(path, header, rows)
 
 
-def write_report(paths: list[Path], out_dir: Path | None = None) -> Report:
-    """Read every run under `paths` and write the report into `out_dir` (default: `<first path>/report`)."""
-    out_dir = out_dir if out_dir is not None else paths[0] / "report"
-    runs = find_runs(paths, skip=out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ReportError([f"cannot write the report into {out_dir}: {error.strerror or error}; choose another "
-                           "--out"]) from None
+def _write(runs: list[Run], paths: list[Path], out_dir: Path) -> Report:
+    out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter(run.status for run in runs)
     found = protocols(runs)
     lines = ["# sam-report", "", f"{len(runs)} runs read from {', '.join(f'`{path}`' for path in paths)} "
@@ -169,14 +163,27 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> Report:
     if len(found) > 1:
         lines += ["Protocols (numbers are compared only within one):", "",
                   *(f"- {protocol if protocol is not None else 'not recorded'}" for protocol in found), ""]
-    files = []
+    plots = []
     for index, protocol in enumerate(found, start=1):
-        section, plots = _protocol_section([run for run in runs if run.get("protocol") == protocol], protocol,
-                                           f"p{index}_" if len(found) > 1 else "", out_dir)
+        section, written = _protocol_section([run for run in runs if run.get("protocol") == protocol], protocol,
+                                             f"p{index}_" if len(found) > 1 else "", out_dir)
         lines += section
-        files += plots
+        plots += written
     markdown = "\n".join(lines)
     (out_dir / "report.md").write_text(markdown)
-    files = [out_dir / "report.md", _runs_csv(runs, out_dir / "runs.csv"),
-             _groups_csv(group_runs(runs), out_dir / "groups.csv"), *files]
-    return Report(markdown, files)
+    return Report(markdown, [out_dir / "report.md", _runs_csv(runs, out_dir / "runs.csv"),
+                             _groups_csv(group_runs(runs), out_dir / "groups.csv"), *plots])
+
+
+def write_report(paths: list[Path], out_dir: Path | None = None) -> Report:
+    """Read every run under `paths` and write the report into `out_dir` (default: `<first path>/report`).
+
+    Raises ReportError for paths without runs and for an output directory that cannot be written.
+    """
+    out_dir = out_dir if out_dir is not None else paths[0] / "report"
+    runs = find_runs(paths, skip=out_dir)
+    try:
+        return _write(runs, paths, out_dir)
+    except OSError as error:
+        raise ReportError([f"cannot write the report into {out_dir}: {error.strerror or error}; choose another "
+                           "--out"]) from None

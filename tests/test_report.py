@@ -350,3 +350,9 @@ def test_a_sam_only_option_is_a_column_only_when_it_differs_between_sam_runs(tmp
     assert "adaptive" not in format_table(collect(tmp_path)).splitlines()[0].split()
     write_run(tmp_path, "2_x", optimizer="asam", rho=1.0, adaptive=True, status="completed")
     assert "adaptive" in format_table(collect(tmp_path)).splitlines()[0].split()
+
+
+def test_an_output_directory_that_cannot_be_written_is_one_line(sweep: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ReportError, match=r"cannot write the report into .*a_file.*; choose another --out"):
+        write_report([sweep], tmp_path / "a_file")
