@@ -178,3 +178,23 @@ def measure_main(argv: list[str] | None = None) -> None:
         _fail(error, "sam-measure")
     for name, value in result.items():
         print(f"{name:>16s}  {value:.6g}")
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """`sam-report PATH [PATH...]`: seeds aggregated, Kendall's τ and plots for every run under the paths."""
+    parser = argparse.ArgumentParser(prog="sam-report", description=report_main.__doc__)
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                        help="sweep or run directories written by sam-run (searched recursively for summary.json)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: <first PATH>/report)")
+    args = parser.parse_args(argv)
+    from sam_runner.report import ReportError  # imported here so `sam-report --help` stays fast
+    from sam_runner.report_files import write_report
+
+    try:
+        report = write_report(args.paths, args.out)
+    except ReportError as error:
+        for problem in error.problems:
+            print(f"sam-report: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    print(report.markdown)
+    print("wrote:", *(f"  {path}" for path in report.files), sep="\n")

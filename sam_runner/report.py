@@ -1,60 +1,332 @@
-"""Sweep results -> a table: printed when a `-m` sweep ends (a Hydra callback), read from each run's summary.json."""
+"""Runs on disk -> rows: every summary.json under some directories, read into `Run`s, and the table of them.
+
+Hydra prints that table when a `-m` sweep ends (`SweepTable`); `sam-report` (report_files.py) adds seed
+statistics, rank correlations and plots on top. This module imports neither scipy nor matplotlib, so the
+callback stays cheap.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sam_runner.logbook import read_summary
+from sam_runner.errors import SamRunnerError
 
-METRIC_COLUMNS = ("train_acc", "test_acc", "gap_acc", "gap_loss")
-# Sharpness measures shown when at least one run has them (summary.json's "sharpness" dict).
-SHARPNESS_COLUMNS = ("lambda_max", "trace", "worst")
-# Hyper-parameters shown when they differ between the runs of a sweep (optimizer is always shown).
-HPARAM_COLUMNS = ("optimizer", "base_optimizer", "rho", "lr", "batch_size", "micro_batch_size", "dataset", "model",
-                  "scheduler", "epochs", "label_smoothing", "seed")
-
-
-def collect(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(run directory name, summary) for every run under a sweep directory, in job order."""
-    def job_number(path: Path) -> tuple[int, str]:
-        head = path.name.split("_", 1)[0]
-        return (int(head) if head.isdigit() else math.inf, path.name)  # type: ignore[return-value]
-
-    runs = []
-    for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=job_number):
-        summary = read_summary(run_dir)
-        if summary is not None:
-            runs.append((run_dir.name.split("_", 1)[0], summary))
-    return runs
-
-
-def _metric(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _setting(value: Any) -> str:
-    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+# Every hyper-parameter summary.json records, in reading order. Runs that agree on all of them but `seed`
+# are repetitions of one setting (a group); `protocol` names the comparison protocol in words.
+HPARAM_KEYS = ("protocol", "dataset", "model", "optimizer", "base_optimizer", "rho", "adaptive", "eta",
+               "adaptive_params", "micro_batch_size", "weight_decay", "weight_decay_in_perturbation", "lr",
+               "lr_base", "lr_scaling", "lr_reference_batch_size", "batch_size", "budget", "epochs",
+               "steps_budget", "stop_train_acc", "stop_train_loss", "scheduler", "label_smoothing", "max_grad_norm",
+               "val_fraction", "precision", "device", "seed")
+GROUP_KEYS = tuple(key for key in HPARAM_KEYS if key != "seed")
+# Options of the SAM step: null for plain optimizers (rho null as well).
+SAM_ONLY_KEYS = ("adaptive", "eta", "adaptive_params", "micro_batch_size", "weight_decay_in_perturbation")
+# What a run produced (besides sharpness, status and error).
+OUTCOME_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "val_acc", "val_loss",
+                "epochs_completed", "steps_completed", "target_reached", "target_epoch", "target_step", "at_chance",
+                "wall_time_s", "train_time_s", "eval_time_s", "checkpoint_time_s", "sharpness_time_s")
+# Sharpness measures (sharpness.MEASURES, in its order) split by whether their value depends on the radius rho:
+# those that do become one column per radius (`worst@0.05`), so measurements at different radii stay apart.
+RADIUS_FREE_MEASURES = ("lambda_max", "trace", "keskar", "alignment")
+RADIUS_MEASURES = ("worst", "ascent", "average")
+MEASURE_ORDER = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
+COMPLETED = "completed"
+# Order of the status counts ("3 completed, 1 failed"); a status not listed here follows them.
+STATUS_ORDER = (COMPLETED, "running", "interrupted", "failed", "diverged", "duplicate", "unreadable", "unknown")
+SWEEP_TABLE_WIDTH = 120  # characters; a wider sweep table prints its sharpness columns as a second table
 
 
-def format_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """A plain-text table: the hyper-parameters that vary, the final metrics, and each run's status."""
-    varying = [key for key in HPARAM_COLUMNS
-               if key == "optimizer" or len({repr(summary.get(key)) for _, summary in runs}) > 1]
-    measured = [key for key in SHARPNESS_COLUMNS if any(key in summary.get("sharpness", {}) for _, summary in runs)]
-    header = ["run", *varying, *METRIC_COLUMNS, *measured, "status"]
-    rows = [[name, *(_setting(summary.get(key)) for key in varying),
-             *(_metric(summary.get(key)) for key in METRIC_COLUMNS),
-             *(_metric(summary.get("sharpness", {}).get(key)) for key in measured),
-             summary.get("status", "?")] for name, summary in runs]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    notes = [f"run {name}: {summary['error']}" for name, summary in runs if summary.get("error")]
-    return "\n".join([*lines, *notes])
+class ReportError(SamRunnerError):
+    """Some paths given to sam-report hold no run; `problems` has one line per path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class Run:
+    """One run directory: its summary.json as written, and its sharpness columns."""
+
+    name: str  # short and unique among the runs read together: job numbers instead of override lists
+    path: Path
+    summary: dict[str, Any]
+    sharpness: dict[str, float | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sharpness = sharpness_columns(self.summary)
+
+    def get(self, key: str) -> Any:
+        """A summary value; a key an older run or a run that failed early does not have reads as None."""
+        return self.summary.get(key)
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status") or "unknown")
+
+    @property
+    def completed(self) -> bool:
+        """Only completed runs enter means and correlations; the others are listed and counted."""
+        return self.status == COMPLETED
+
+
+def finite(value: Any) -> float | None:
+    """A number usable in statistics: None for missing, non-numeric, boolean, NaN and infinite values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def radius_column(measure: str, rho: Any) -> str:
+    """`worst@0.05` for a radius-dependent measure at a known radius, the bare name otherwise."""
+    if measure in RADIUS_MEASURES and finite(rho) is not None:
+        return f"{measure}@{rho:g}"
+    return measure
+
+
+def sharpness_columns(summary: dict[str, Any]) -> dict[str, float | None]:
+    """Column -> value from `measurements` (the later entry wins a column), else from the `sharpness` dict.
+
+    An older summary has only `sharpness`; its radius is that of the run's own measurement when one is listed,
+    otherwise unknown (bare names).
+    """
+    measurements = [entry for entry in summary.get("measurements") or [] if isinstance(entry, dict)]
+    columns: dict[str, float | None] = {}
+    for entry in measurements:
+        for measure, value in (entry.get("values") or {}).items():
+            if measure in MEASURE_ORDER:
+                columns[radius_column(measure, entry.get("rho"))] = value
+    own = [entry for entry in measurements if entry.get("source") == "sam-run"]
+    own_rho = own[-1].get("rho") if own else None
+    for measure, value in (summary.get("sharpness") or {}).items():
+        column = radius_column(measure, own_rho)
+        if measure in MEASURE_ORDER and column not in columns:
+            columns[column] = value
+    return columns
+
+
+def column_order(column: str) -> tuple[int, float]:
+    """Measures in sharpness.MEASURES order; a measure's radii ascending, the unknown radius first."""
+    measure, _, rho = column.partition("@")
+    return MEASURE_ORDER.index(measure), float(rho) if rho else -math.inf
+
+
+def measured_columns(runs: list[Run]) -> list[str]:
+    return sorted({column for run in runs for column in run.sharpness}, key=column_order)
+
+
+def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
+    """What ran: `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05` (SGD is SAM's default base, so it is not spelt
+    out); a plain optimizer (no rho) is its base optimizer, which is what steps (`optimizer=sgd
+    optimizer/base=adamw` is `adamw`)."""
+    name = str(summary.get("optimizer") or "?")
+    base = summary.get("base_optimizer")
+    rho = finite(summary.get("rho"))
+    if summary.get("rho") is None:
+        return str(base or name)
+    label = f"{name}({base})" if base not in (None, name, "sgd") else name
+    return f"{label} ρ={rho:g}" if with_rho and rho is not None else label
+
+
+def _short_name(relative: Path) -> str:
+    """Hydra names a sweep's runs `<job number>_<overrides>`: the job number alone tells them apart."""
+    return "/".join(re.sub(r"^(\d+)_.*$", r"\1", part) for part in relative.parts)
+
+
+def _job_order(relative: Path) -> list[tuple[int, int, str]]:
+    """Sort key: job 2 before job 10, at every level of nesting."""
+    return [(0, int(match.group(1)), part) if (match := re.match(r"^(\d+)(_|$)", part)) else (1, 0, part)
+            for part in relative.parts]
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json; an unreadable one reads as status `unreadable`, so its run is listed, not lost."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return {"status": "unreadable", "error": f"summary.json cannot be read: {error}"}
+    if not isinstance(summary, dict):
+        return {"status": "unreadable", "error": "summary.json does not hold a JSON object"}
+    return summary
+
+
+def _run_dirs(path: Path, skip: Path | None) -> list[Path]:
+    """Directories holding a summary.json at or below `path` (a run's own subdirectories are not searched)."""
+    found = []
+    for directory, subdirectories, files in os.walk(path):
+        here = Path(directory)
+        if "summary.json" in files:
+            found.append(here.resolve())
+            subdirectories.clear()
+        subdirectories[:] = [name for name in subdirectories if skip is None or (here / name).resolve() != skip]
+    return found
+
+
+def _names(relatives: list[Path]) -> list[str]:
+    """Short run names (job numbers) when they are unique, the relative paths otherwise."""
+    short = [_short_name(relative) for relative in relatives]
+    return short if len(set(short)) == len(short) else [str(relative) for relative in relatives]
+
+
+def find_runs(paths: list[Path], skip: Path | None = None) -> list[Run]:
+    """Every run under the given sweep or run directories, in job order; `skip` (the report's own folder) is not read.
+
+    Raises ReportError naming every path that is missing or holds no summary.json.
+    """
+    skip = skip.resolve() if skip is not None else None
+    problems, run_dirs = [], set()
+    for path in paths:
+        if not path.is_dir():
+            problems.append(f"{path}: {'not a directory' if path.exists() else 'no such directory'} (give a sweep or "
+                            "run directory written by sam-run)")
+            continue
+        found = _run_dirs(path, skip)
+        if not found:
+            problems.append(f"{path}: no summary.json in it or below it (give a sweep or run directory written "
+                            "by sam-run)")
+        run_dirs.update(found)
+    if problems:
+        raise ReportError(problems)
+    # Names are relative to the directories the user named; a run directory named itself is called by its name.
+    root = Path(os.path.commonpath([path.resolve() for path in paths]))
+    entries = sorted(((run_dir, run_dir.relative_to(root) if run_dir != root else Path(run_dir.name))
+                      for run_dir in run_dirs), key=lambda entry: _job_order(entry[1]))
+    names = _names([relative for _, relative in entries])
+    return [Run(name, run_dir, _read_summary(run_dir)) for name, (run_dir, _) in zip(names, entries)]
+
+
+def collect(sweep_dir: Path) -> list[Run]:
+    """The runs of one sweep directory, in job order (none when no job got as far as writing its summary)."""
+    try:
+        return find_runs([sweep_dir])
+    except ReportError:
+        return []
+
+
+# -- the run table -------------------------------------------------------------------------------------------------
+
+# Shown for every run, varying or not: what a reader needs to place a number. `optimizer` is the label with its base.
+ALWAYS_SHOWN = ("lr", "batch_size", "optimizer", "rho")
+# Shown when they differ between runs: the other hyper-parameters (base_optimizer is in the optimizer label; the
+# protocol is a sentence, printed above the table).
+SOMETIMES_SHOWN = tuple(key for key in HPARAM_KEYS if key not in (*ALWAYS_SHOWN, "base_optimizer", "protocol"))
+METRIC_COLUMNS = ("train_loss", "train_acc", "test_acc", "gap_acc", "gap_loss")
+
+
+def format_setting(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def format_metric(value: Any) -> str:
+    """Accuracies, losses and gaps: four decimals (a tenth of a test sample on a 1000-sample test set)."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def format_measure(value: Any) -> str:
+    """Sharpness values span orders of magnitude: four significant digits, whole numbers from 1000 up (no
+    exponent for step counts and large traces)."""
+    if not isinstance(value, float):
+        return "-" if value is None else str(value)
+    return f"{value:.0f}" if math.isfinite(value) and abs(value) >= 1000 else f"{value:.4g}"
+
+
+def status_label(run: Run) -> str:
+    return f"{run.status} (at chance)" if run.get("at_chance") else run.status
+
+
+def target_label(run: Run) -> str:
+    """The epoch where the stopping target was reached, `no` when it never was, `-` when there was none."""
+    reached = run.get("target_reached")
+    if reached is None:
+        return "-"
+    return format_setting(run.get("target_epoch")) if reached else "no"
+
+
+def varying_keys(summaries: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
+    """The keys whose values differ; a SAM-only option varies only when it differs between SAM runs (plain
+    optimizers record it as null)."""
+    sam_runs = [summary for summary in summaries if summary.get("rho") is not None]
+
+    def differs(key: str) -> bool:
+        among = sam_runs if key in SAM_ONLY_KEYS else summaries
+        return len({json.dumps(summary.get(key), sort_keys=True) for summary in among}) > 1
+
+    return [key for key in keys if differs(key)]
+
+
+def setting_columns(summaries: list[dict[str, Any]]) -> list[str]:
+    """The settings a table shows: those in ALWAYS_SHOWN, then the other hyper-parameters that vary."""
+    return [*ALWAYS_SHOWN, *varying_keys(summaries, SOMETIMES_SHOWN)]
+
+
+def setting_cell(summary: dict[str, Any], key: str) -> str:
+    return optimizer_label(summary) if key == "optimizer" else format_setting(summary.get(key))
+
+
+def has_target(runs: list[Run]) -> bool:
+    return any(run.get("target_reached") is not None for run in runs)
+
+
+def run_table(runs: list[Run]) -> tuple[list[str], list[list[str]], int]:
+    """Header and rows of the per-run table, and the index of its first sharpness column."""
+    settings = setting_columns([run.summary for run in runs])
+    metrics = [*METRIC_COLUMNS, *(["val_acc"] if any(run.get("val_acc") is not None for run in runs) else [])]
+    measures = measured_columns(runs)
+    tail = [*(["target"] if has_target(runs) else []), "status"]
+    header = ["run", *settings, *metrics, *tail, *measures]
+    rows = [[run.name, *(setting_cell(run.summary, key) for key in settings),
+             *(format_metric(run.get(key)) for key in metrics),
+             *([target_label(run)] if has_target(runs) else []), status_label(run),
+             *(format_measure(run.sharpness.get(column)) for column in measures)] for run in runs]
+    return header, rows, len(header) - len(measures)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
+def protocols(runs: list[Run]) -> list[str | None]:
+    """The comparison protocols of the runs, in order of first appearance (None: not recorded)."""
+    return list(dict.fromkeys(run.get("protocol") for run in runs))
+
+
+def error_notes(runs: list[Run]) -> list[str]:
+    return [f"run {run.name}: {run.get('error')}" for run in runs if run.get("error")]
+
+
+def format_table(runs: list[Run]) -> str:
+    """The per-run table as plain text; when it is wider than SWEEP_TABLE_WIDTH the sharpness columns follow
+    as a second table keyed by run."""
+    header, rows, first_measure = run_table(runs)
+    lines = text_table(header, rows)
+    if max(map(len, lines)) > SWEEP_TABLE_WIDTH and first_measure < len(header):
+        lines = [*text_table(header[:first_measure], [row[:first_measure] for row in rows]), "",
+                 *text_table([header[0], *header[first_measure:]], [[row[0], *row[first_measure:]] for row in rows])]
+    named = [f"protocol: {protocol}" for protocol in protocols(runs) if protocol is not None]
+    return "\n".join([*named, *lines, *error_notes(runs)])
 
 
 class SweepTable(Callback):
@@ -64,4 +336,5 @@ class SweepTable(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect(sweep_dir) if sweep_dir.is_dir() else []
         if runs:
-            print(f"\nsweep {sweep_dir} ({len(runs)} runs)\n{format_table(runs)}", flush=True)
+            print(f"\nsweep {sweep_dir} ({len(runs)} runs)\n{format_table(runs)}\n"
+                  f"seeds aggregated (mean ± std), Kendall's τ and plots: sam-report {sweep_dir}", flush=True)

@@ -1,0 +1,189 @@
+"""`sam-report`: the runs under some directories -> report.md, runs.csv, groups.csv and PNG plots.
+
+Everything is split by comparison protocol (summary.json's `protocol`): a number is only ever compared, averaged
+or correlated with numbers from the same protocol, and every table sits under its protocol's heading.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sam_runner import report_plots
+from sam_runner.report import (HPARAM_KEYS, GROUP_KEYS, OUTCOME_KEYS, ReportError, Run, error_notes, find_runs,
+                               finite, format_measure, format_metric, has_target, markdown_table, measured_columns,
+                               optimizer_label, protocols, run_table, setting_cell, setting_columns)
+from sam_runner.report_stats import (GROUP_METRICS, TARGET_METRICS, Correlation, Group, Stat, batch_sizes,
+                                     correlations, group_runs)
+
+ACCURACY_LIKE = (*GROUP_METRICS, "test_loss", "val_loss")  # formatted with four decimals, the rest with 4 digits
+NESTED_KEYS = ("sharpness", "measurements")  # their values are in the sharpness columns
+
+
+@dataclass
+class Report:
+    """What `sam-report` produced: the markdown (also printed) and every file written."""
+
+    markdown: str
+    files: list[Path]
+
+
+def _stat_cell(stat: Stat, key: str, n_completed: int) -> str:
+    """`0.9123 ± 0.0130`; the std is left out for one value; `(n=2)` when some completed runs lack the value."""
+    if stat.mean is None:
+        return ""
+    number = format_metric if key in ACCURACY_LIKE else format_measure
+    text = number(stat.mean) + (f" ± {number(stat.std)}" if stat.std is not None else "")
+    return text + (f" (n={stat.n})" if stat.n < n_completed else "")
+
+
+def _group_table(groups: list[Group], columns: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Settings, run counts and mean ± std of every statistic some group has a value for (val_acc only with a
+    validation split, target columns only with a stopping target)."""
+    settings = setting_columns([group.settings for group in groups])
+    targets = has_target([run for group in groups for run in group.runs])
+    values = [group.statistics(columns) for group in groups]
+    statistics = [key for key in values[0] if any(stats[key].n for stats in values)]
+    header = [*settings, "runs", "n", *statistics, *(["reached"] if targets else [])]
+    rows = []
+    for group, stats in zip(groups, values):
+        n = len(group.completed)
+        reached, with_target = group.targets()
+        rows.append([*(setting_cell(group.settings, key) for key in settings), group.status_counts(), str(n),
+                     *(_stat_cell(stats[key], key, n) for key in statistics),
+                     *([f"{reached}/{with_target}"] if targets else [])])
+    return header, rows
+
+
+def _tau_table(found: list[Correlation]) -> tuple[list[str], list[list[str]]]:
+    sizes = list(found[0].by_batch_size) if found else []
+    header = ["measure", "gap", "all runs", *(f"batch {size}" for size in sizes),
+              *(["mean over batch sizes"] if sizes else [])]
+    rows = [[item.column, item.gap, item.overall.text(), *(item.by_batch_size[size].text() for size in sizes),
+             *([f"{item.granulated:+.2f} ({item.granulated_groups} of {len(sizes)} sizes)"
+                if item.granulated is not None else ""]
+               if sizes else [])] for item in found]
+    return header, rows
+
+
+def _plots(runs: list[Run], groups: list[Group], found: list[Correlation], out_dir: Path, prefix: str,
+           title: str) -> list[Path]:
+    completed = [run for run in runs if run.completed]
+    written = []
+    if len(batch_sizes(completed)) > 1:
+        written += report_plots.versus_batch_size(groups, out_dir, prefix, title)
+    if len({finite(run.get("rho")) for run in completed} - {None}) > 1:
+        written.append(report_plots.versus_rho(groups, out_dir, prefix, title))
+    written += [report_plots.sharpness_versus_gap(runs, item, out_dir, prefix, title)
+                for item in found if item.gap == "gap_acc" and item.overall.n > 0]
+    return written
+
+
+def _protocol_section(runs: list[Run], protocol: str | None, prefix: str, out_dir: Path) -> tuple[list[str], list[Path]]:
+    groups = group_runs(runs)
+    columns = measured_columns([run for run in runs if run.completed])
+    found = correlations(runs)
+    title = f"protocol: {protocol}" if protocol is not None else "protocol not recorded"
+    plots = _plots(runs, groups, found, out_dir, prefix, title)
+    lines = [f"## {title[0].upper()}{title[1:]}", "", "### Groups (runs that differ only by seed)", "",
+             "Mean ± sample standard deviation over the completed runs of a group; `n` counts them, `(n=k)` marks a "
+             "value that fewer runs recorded.", "", *markdown_table(*_group_table(groups, columns)), ""]
+    lines += ["### Kendall's τ between sharpness and the generalization gap", ""]
+    if found:
+        lines += ["τ-b over completed runs (positive: sharper runs have larger gaps); blank below 3 runs.", "",
+                  *markdown_table(*_tau_table(found)), ""]
+    else:
+        lines += ["No completed run has a sharpness measurement.", ""]
+    if plots:
+        lines += ["### Plots", "", *(f"![{path.stem}]({path.name})" for path in plots), ""]
+    header, rows, _ = run_table(runs)
+    lines += ["### Runs", "", *markdown_table(header, rows), ""]
+    notes = error_notes(runs)
+    lines += [*(f"- {note}" for note in notes), *([""] if notes else [])]
+    return lines, plots
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([[_csv_cell(value) for value in row] for row in rows])
+    return path
+
+
+def _runs_csv(runs: list[Run], path: Path) -> Path:
+    """One row per run: every hyper-parameter, outcome and sharpness column, status and error; keys this
+    version does not know follow at the end rather than being dropped."""
+    known = {*HPARAM_KEYS, *OUTCOME_KEYS, *NESTED_KEYS, "status", "error"}
+    extra = sorted({key for run in runs for key in run.summary} - known)
+    columns = measured_columns(runs)
+    header = ["run", "path", "status", *HPARAM_KEYS, "optimizer_label", *OUTCOME_KEYS, *columns, *extra, "error"]
+    rows = [[run.name, str(run.path), run.status, *(run.get(key) for key in HPARAM_KEYS),
+             optimizer_label(run.summary, with_rho=True), *(run.get(key) for key in OUTCOME_KEYS),
+             *(run.sharpness.get(column) for column in columns), *(run.get(key) for key in extra), run.get("error")]
+            for run in runs]
+    return _write_csv(path, header, rows)
+
+
+def _groups_csv(groups: list[Group], path: Path) -> Path:
+    columns = measured_columns([run for group in groups for run in group.completed])
+    statistics = [*GROUP_METRICS, *columns, *TARGET_METRICS, "wall_time_s"]
+    header = [*GROUP_KEYS, "optimizer_label", "runs", "seeds", "n_completed", "n_at_chance", "target_reached",
+              "target_set", *(f"{key}_{part}" for key in statistics for part in ("mean", "std", "n"))]
+    rows = []
+    for group in groups:
+        values = group.statistics(columns)
+        reached, with_target = group.targets()
+        rows.append([*(group.settings[key] for key in GROUP_KEYS), optimizer_label(group.settings, with_rho=True),
+                     group.status_counts(), " ".join(map(_csv_cell, group.seeds())), len(group.completed),
+                     sum(1 for run in group.runs if run.get("at_chance")), reached, with_target,
+                     *(getattr(values[key], part) for key in statistics for part in ("mean", "std", "n"))])
+    return _write_csv(path, header, rows)
+
+
+def _write(runs: list[Run], paths: list[Path], out_dir: Path) -> Report:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = Counter(run.status for run in runs)
+    found = protocols(runs)
+    lines = ["# sam-report", "", f"{len(runs)} runs read from {', '.join(f'`{path}`' for path in paths)} "
+             f"({', '.join(f'{n} {status}' for status, n in counts.most_common())}). Only completed runs enter means, "
+             "standard deviations and τ; every other run is listed and counted.", ""]
+    if len(found) > 1:
+        lines += ["Protocols (numbers are compared only within one):", "",
+                  *(f"- {protocol if protocol is not None else 'not recorded'}" for protocol in found), ""]
+    plots = []
+    for index, protocol in enumerate(found, start=1):
+        section, written = _protocol_section([run for run in runs if run.get("protocol") == protocol], protocol,
+                                             f"p{index}_" if len(found) > 1 else "", out_dir)
+        lines += section
+        plots += written
+    markdown = "\n".join(lines)
+    (out_dir / "report.md").write_text(markdown)
+    return Report(markdown, [out_dir / "report.md", _runs_csv(runs, out_dir / "runs.csv"),
+                             _groups_csv(group_runs(runs), out_dir / "groups.csv"), *plots])
+
+
+def write_report(paths: list[Path], out_dir: Path | None = None) -> Report:
+    """Read every run under `paths` and write the report into `out_dir` (default: `<first path>/report`).
+
+    Raises ReportError for paths without runs and for an output directory that cannot be written.
+    """
+    out_dir = out_dir if out_dir is not None else paths[0] / "report"
+    runs = find_runs(paths, skip=out_dir)
+    try:
+        return _write(runs, paths, out_dir)
+    except OSError as error:
+        raise ReportError([f"cannot write the report into {out_dir}: {error.strerror or error}; choose another "
+                           "--out"]) from None
