@@ -8,6 +8,7 @@ unknown group option stops everything with one line and exit code 2 before anyth
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -39,8 +40,23 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
-# Run directories named after a job's overrides must not nest: `optimizer/base=adamw` has a slash.
-OmegaConf.register_new_resolver("path_safe", lambda text: str(text).replace("/", "-"), replace=True)
+JOB_NAME_LIMIT = 80  # characters of a sweep job's directory name: far below any file system's 255-byte limit
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's directory name from its overrides: as they are when short, else cut with a hash of the whole.
+
+    Names must not nest (`optimizer/base=adamw` has a slash) nor exceed file-name limits however many overrides a
+    sweep has; each job's full overrides are in its `.hydra/overrides.yaml` and `run.json`.
+    """
+    name = overrides.replace("/", "-")
+    if len(name) <= JOB_NAME_LIMIT:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[:JOB_NAME_LIMIT - 9]}~{digest}"
+
+
+OmegaConf.register_new_resolver("job_dirname", lambda text: job_dirname(str(text)), replace=True)
 
 
 def _fail(error: Exception, program: str = "sam-run") -> None:

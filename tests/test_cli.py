@@ -257,3 +257,12 @@ def test_image_model_with_batchnorm_and_augmentation_trains_under_sam(workdir: P
     assert metrics["opt/perturbation_norm"] == pytest.approx(0.05, rel=1e-4)  # ||eps|| = rho
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert any(key.endswith("running_mean") for key in state["model"])
+
+
+def test_sweep_job_directories_stay_short_and_distinct_however_many_overrides() -> None:
+    from sam_runner.cli import JOB_NAME_LIMIT, job_dirname
+
+    assert job_dirname("optimizer/base=adamw,rho=0.1") == "optimizer-base=adamw,rho=0.1"
+    long = ",".join(f"key{i}.sub=value{i}" for i in range(30))
+    names = {job_dirname(long + f",seed={seed}") for seed in range(3)}
+    assert len(names) == 3 and all(len(name) <= JOB_NAME_LIMIT for name in names)
