@@ -127,6 +127,9 @@ def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]
     return model
 
 
+ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
+
+
 def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -> torch.optim.Optimizer:
     """The base optimizer alone, or SAM/ASAM wrapped around it (the `sam` node is null for plain ones).
 
@@ -136,10 +139,29 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -
     try:
         if node.sam is None:
             return make_base(model.parameters(), lr=lr)
-        return SAM(model.parameters(), make_base, rho=rho, adaptive=node.sam.adaptive, eta=node.sam.eta,
-                   perturb_weight_decay=node.sam.perturb_weight_decay, lr=lr)
+        return SAM(_perturbation_groups(model, node.sam), make_base, rho=rho, adaptive=node.sam.adaptive,
+                   eta=node.sam.eta, perturb_weight_decay=node.sam.perturb_weight_decay, lr=lr)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {node.name}: {error}") from None
+
+
+def _perturbation_groups(model: nn.Module, sam: DictConfig) -> list[dict[str, Any]]:
+    """SAM's param groups: one, or for ASAM with `adaptive_params: weights` (the ASAM authors' code) two —
+    parameters whose name contains "weight" (BatchNorm's too) get T = |w| + eta, the rest plain SAM scaling.
+
+    Both groups share SAM's one global norm, so ε = ρ·T²⊙g / ‖T⊙g‖ with T = 1 outside the weights: the
+    authors' formula (docs/sam.md). `all` (the davda54 port) rescales every parameter.
+    """
+    scope = sam.get("adaptive_params", "all")  # configs written before the key existed rescaled every parameter
+    if scope not in ADAPTIVE_PARAMS:
+        raise ConfigError(f"optimizer.sam.adaptive_params must be one of {', '.join(ADAPTIVE_PARAMS)} "
+                          f"(got {scope!r}): `weights` as in ASAM's code, `all` as in the davda54 port")
+    if not sam.adaptive or scope == "all":
+        return [{"params": list(model.parameters())}]
+    named = list(model.named_parameters())
+    groups = [{"params": [p for name, p in named if "weight" in name]},
+              {"params": [p for name, p in named if "weight" not in name], "adaptive": False}]
+    return [group for group in groups if group["params"]]
 
 
 def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int

@@ -44,12 +44,12 @@ class Options:
     tolerance: float = 1e-3  # lambda_max: stop when the Ritz residual is <= tolerance * |lambda|
     max_iterations: int = 100  # lambda_max: Lanczos steps (Hessian-vector products over the data)
     trace_probes: int = 100  # trace: Rademacher probes
-    average_samples: int = 100  # average: directions sampled uniformly on the sphere
+    average_samples: int = 100  # average: antithetic pairs +-u, u uniform on the sphere (2 forwards each)
     worst_steps: int = 20  # worst: gradient steps on the sphere of radius rho
     worst_step_size: float = 1.0  # worst: step length, in units of rho, along the normalized gradient
     keskar_epsilon: float = 1e-3  # keskar: box half-width eps * (|w_i| + 1)
-    keskar_steps: int = 20  # keskar: sign-gradient steps in the box
-    keskar_step_size: float = 0.5  # keskar: step length, in units of the box half-width
+    keskar_random_starts: int = 4  # keskar: seeded random corners, besides the sign(grad) and +-sign(v1) ones
+    keskar_steps: int = 10  # keskar: at most this many corner jumps per start
     progress: bool = False  # a tqdm bar counting batch passes
 
     def __post_init__(self) -> None:
@@ -62,8 +62,8 @@ class Options:
 
 
 _AT_LEAST = {"tolerance": 0, "max_iterations": 1, "trace_probes": 2, "average_samples": 2, "worst_steps": 0,
-             "keskar_steps": 0}
-_POSITIVE = ("worst_step_size", "keskar_epsilon", "keskar_step_size")
+             "keskar_random_starts": 0, "keskar_steps": 0}
+_POSITIVE = ("worst_step_size", "keskar_epsilon")
 _NEEDS_RHO = ("worst", "ascent", "average")
 
 
@@ -87,13 +87,16 @@ def measure(
     """Sharpness of `model` at its current weights: one key per requested measure, plus the documented extras.
 
     `criterion(model(inputs), targets)` must return the batch *mean* (reduction='mean'); batches are weighted
-    by `len(targets)`. Options (see `Options`): tolerance=1e-3, max_iterations=100, trace_probes=100,
-    average_samples=100, worst_steps=20, worst_step_size=1.0, keskar_epsilon=1e-3, keskar_steps=20,
-    keskar_step_size=0.5, progress=False. Cost per batch of the data (F forward, B backward, HVP one forward,
-    backward with graph and double backward): L(w) and its gradient, shared, 1 F+B; lambda_max k HVP
-    (k <= max_iterations); alignment adds nothing to lambda_max; trace 1 F+B + trace_probes double
-    backwards; ascent 1 F; average average_samples F; worst worst_steps F+B + 1 F (plus ascent's);
-    keskar keskar_steps F+B + 1 F. Seeded by `seed` through local generators; the global RNG is untouched.
+    by `len(targets)`; the model is measured in eval mode (BatchNorm running statistics, no dropout). Options
+    (see `Options`): tolerance=1e-3, max_iterations=100, trace_probes=100, average_samples=100, worst_steps=20,
+    worst_step_size=1.0, keskar_epsilon=1e-3, keskar_random_starts=4, keskar_steps=10, progress=False.
+    Cost per batch of the data (F forward, B backward, HVP one forward, backward with graph and double
+    backward): L(w) and its gradient, shared, 1 F+B; lambda_max k HVP (k <= max_iterations); alignment adds
+    nothing to lambda_max; trace 1 F+B + trace_probes double backwards; ascent 1 F; average
+    2 * average_samples F; worst worst_steps F+B + 1 F (plus ascent's); keskar at most
+    S * (keskar_steps + 1) F+B over S = 1 + keskar_random_starts starts (+2 when lambda_max or alignment is
+    requested too); a start stops early when a jump no longer raises L.
+    Seeded by `seed` through local generators; the global RNG is untouched.
     """
     names = _checked_measures(measures)
     settings = _checked_options(options)
@@ -105,7 +108,7 @@ def measure(
     results: dict[str, float] = {}
     try:
         with torch.enable_grad():
-            for name in names:
+            for name in sorted(names, key=lambda name: name == "keskar"):  # keskar last: it reuses v1 if known
                 landscape.bar.set_description(f"sharpness/{name}")
                 results.update(_MEASURE_FUNCTIONS[name](landscape))
     finally:
@@ -281,6 +284,12 @@ class _Landscape:
         shift = self.ascent_shift
         return math.nan if shift is None else self.loss(shift) - self.base[0]
 
+    @property
+    def known_top_eigenvector(self) -> Tensor | None:
+        """v1 if lambda_max or alignment has already run Lanczos in this call, else None (nothing is computed)."""
+        pair = self.__dict__.get("top_eigenpair")  # where cached_property keeps its value once computed
+        return None if pair is None else pair.vector
+
     @cached_property
     def top_eigenpair(self) -> _Eigenpair:
         start = self.gaussian(self.generator("lambda_max"))
@@ -367,9 +376,14 @@ def _ascent(landscape: _Landscape) -> dict[str, float]:
 
 
 def _average(landscape: _Landscape) -> dict[str, float]:
+    """Antithetic pairs (L(w + rho u) + L(w - rho u)) / 2 - L(w): the same expectation as L(w + rho u) - L(w)
+    (u and -u are equally likely), with the first-order term rho grad.u, which dominates the plain estimator's
+    variance away from a minimum, cancelled in every pair."""
     generator, base_loss = landscape.generator("average"), landscape.base[0]
-    samples = [landscape.loss(landscape.rho * _unit(landscape.gaussian(generator))) - base_loss
-               for _ in range(landscape.options.average_samples)]
+    samples = []
+    for _ in range(landscape.options.average_samples):
+        shift = landscape.rho * _unit(landscape.gaussian(generator))
+        samples.append((landscape.loss(shift) + landscape.loss(-shift)) / 2 - base_loss)
     mean, stderr = _mean_and_stderr(torch.tensor(samples, dtype=torch.float64))
     return {"average": mean, "average_stderr": stderr}
 
@@ -390,17 +404,48 @@ def _worst(landscape: _Landscape) -> dict[str, float]:
 
 
 def _keskar(landscape: _Landscape) -> dict[str, float]:
-    """Projected sign-gradient ascent in the box |y_i| <= eps(|w_i| + 1), from the corner sign(grad)
-    (a seeded random sign where a gradient entry is zero); phi = 100 (max L - L) / (1 + L)."""
+    """phi = 100 (max L(w + y) - L(w)) / (1 + L(w)) over the box |y_i| <= eps(|w_i| + 1), the max taken over
+    corner ascents from several corners: sign(grad), seeded random ones, and +-sign(v1) when Lanczos has run.
+
+    Near a minimum sign(grad) is noise, so one start reaches only part of the box maximum; more starts, and
+    the top eigenvector's corners (where L grows fastest), make the lower bound tight. y = 0 counts too, so
+    phi >= 0 as in its definition.
+    """
     options, (base_loss, gradient) = landscape.options, landscape.base
     half = options.keskar_epsilon * (landscape.w.abs() + 1)
-    signs = torch.where(gradient != 0, gradient.sign(), landscape.random_signs(landscape.generator("keskar")))
+    generator = landscape.generator("keskar")
+    corners = [_corner(gradient, landscape.random_signs(generator))]
+    corners += [landscape.random_signs(generator) for _ in range(options.keskar_random_starts)]
+    top = landscape.known_top_eigenvector  # drawn after the random corners: those stay the same either way
+    if top is not None:
+        corner = _corner(top, landscape.random_signs(generator))
+        corners += [corner, -corner]
+    best = max([base_loss] + [_corner_ascent(landscape, half * signs, half, options.keskar_steps)
+                              for signs in corners])
+    return {"keskar": 100 * (best - base_loss) / (1 + base_loss), "keskar_starts": len(corners)}
 
-    def step(shift: Tensor, gradient: Tensor) -> Tensor:
-        return torch.clamp(shift + options.keskar_step_size * half * gradient.sign(), -half, half)
 
-    best = _projected_ascent(landscape, half * signs, step, options.keskar_steps)
-    return {"keskar": 100 * (best - base_loss) / (1 + base_loss)}
+def _corner(direction: Tensor, fallback: Tensor) -> Tensor:
+    """sign(direction) as a +-1 vector, with `fallback`'s signs where an entry is exactly zero."""
+    return torch.where(direction != 0, direction.sign(), fallback)
+
+
+def _corner_ascent(landscape: _Landscape, start: Tensor, half: Tensor, jumps: int) -> float:
+    """Largest L found by jumping from corner to corner of the box |y| <= half: each jump goes to the corner
+    that maximizes L's linearization at the current one, y <- half * sign(grad L(w + y)), and is kept only
+    if L rises. Where L is convex in the box (near a minimum) no jump can lower L, so stopping at the first
+    one that does not raise it stops at a fixed point. At most `jumps` + 1 forward-backward passes."""
+    shift = start
+    loss, gradient = landscape.loss_and_gradient(shift)
+    for _ in range(jumps):
+        target = torch.where(gradient != 0, half * gradient.sign(), shift)
+        if torch.equal(target, shift):
+            break
+        target_loss, target_gradient = landscape.loss_and_gradient(target)
+        if target_loss <= loss:
+            break
+        shift, loss, gradient = target, target_loss, target_gradient
+    return loss
 
 
 _MEASURE_FUNCTIONS: dict[str, Callable[[_Landscape], dict[str, float]]] = {

@@ -1,4 +1,4 @@
-"""One training step, plain or SAM: BatchNorm statistics, AMP, gradient clipping and m-sharpness.
+"""One training step, plain or SAM: BatchNorm statistics, dropout masks, AMP, gradient clipping, m-sharpness.
 
 A step is a function of (model, batch, optimizer) so that DDP can wrap it later. It returns 0-dim device
 tensors and never calls .item(): the trainer reads them once per logging interval. The only host sync is the
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from sam_runner.optim import SAM, global_norm
 
@@ -93,11 +94,13 @@ def _sam_step(
     inv_scale = None if scaler is None else \
         scaler.scale(torch.ones((), device=inputs.device)).double().reciprocal().float()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    replay_dropout = _has_active_dropout(model)
     accumulated: dict[Tensor, Tensor] = {}
     totals = dict(loss=0.0, correct=0, perturbed_loss=0.0, perturbed_correct=0, perturbation_norm=0.0)
     for x, y in chunks:
         weight = x.shape[0] / n
         optimizer.zero_grad(set_to_none=True)
+        rng_state = _rng_state(x.device) if replay_dropout else None
         loss, correct = _forward(model, x, y, criterion, autocast_dtype)
         _backward(loss, scaler)
         if inv_scale is not None:
@@ -109,6 +112,8 @@ def _sam_step(
             # NaN (else exactly 1) makes the second-pass gradient non-finite, so GradScaler's own check
             # skips the base step and lowers the scale; no host sync needed here.
             gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
+        if rng_state is not None:  # the perturbed pass draws the clean pass's dropout masks again
+            _set_rng_state(x.device, rng_state)
         with frozen_batchnorm_stats(model):  # around backward too: autograd checks the buffers' versions
             perturbed_loss, perturbed_correct = _forward(model, x, y, criterion, autocast_dtype)
             _backward(perturbed_loss, scaler, gate)
@@ -159,6 +164,26 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
     finally:
         if buffers:
             torch._foreach_copy_(buffers, saved)
+
+
+def _has_active_dropout(model: nn.Module) -> bool:
+    """Whether a forward of `model` draws dropout masks: a dropout module in training mode with p > 0.
+
+    Only modules are seen; a plug-in model calling F.dropout directly is not detected.
+    """
+    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The state of the generator that dropout on `device` draws from (CPU, or that CUDA device's own)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _forward(

@@ -320,6 +320,7 @@ def describe(cfg: DictConfig, settings: DictConfig, choices: dict[str, str], pre
         "rho": settings.rho if sam is not None else None,
         "adaptive": bool(sam.adaptive) if sam is not None else None,
         "eta": sam.eta if sam is not None and sam.adaptive else None,
+        "adaptive_params": sam.get("adaptive_params", "all") if sam is not None and sam.adaptive else None,
         "micro_batch_size": sam.micro_batch_size if sam is not None else None,
         "weight_decay": weight_decay,
         "weight_decay_in_perturbation": bool(sam.perturb_weight_decay) if sam is not None else None,

@@ -21,11 +21,11 @@ def count(model: nn.Module) -> int:
 
 
 # Parameter counts for 10 classes. References: ResNet-18 11.2M (REFERENCE §7), WRN-16-8 ~11.0M and WRN-28-10
-# ~36.5M (Zagoruyko & Komodakis), the MNIST-1D CNN's 125-feature linear head (Greydanus), C1 with 64*8*8 -> 384.
+# ~36.5M (Zagoruyko & Komodakis), the MNIST-1D CNN's 125-feature linear head (Greydanus), C1's 1,757,834 (REFERENCE §4).
 @pytest.mark.parametrize("builder, shape, options, params", [
     (models.resnet18, IMAGE, {}, 11_173_962),
     (models.wide_resnet, IMAGE, {"depth": 16, "widen_factor": 8}, 10_961_370),
-    (models.keskar_c1, IMAGE, {}, 1_756_682),
+    (models.keskar_c1, IMAGE, {}, 1_757_834),
     (models.cnn1d, SEQUENCE, {}, 5_210),
     (models.mlp, SEQUENCE, {}, 15_210),
     (models.mlp, (1, 28, 28), {"hidden": [512] * 5}, 784 * 512 + 4 * 512 * 512 + 512 * 10 + 5 * 512 + 10),
@@ -50,10 +50,52 @@ def test_num_classes_and_channels_follow_the_arguments():
     assert models.cnn1d(num_classes=3, input_shape=(2, 64))(torch.randn(2, 2, 64)).shape == (2, 3)
 
 
+def test_keskar_c1_has_the_layers_of_keskars_shallownet_in_order():
+    """network_zoo.shallownet: 2 x [conv 5x5-64 'same', BN, ReLU, max-pool 3x3/2 'same'], flatten,
+    2 x [Dense, BN, ReLU, Dropout 0.5] with 384 and 192 units, Dense 10."""
+    model = models.keskar_c1(num_classes=10, input_shape=IMAGE)
+    layers = [m for m in model.modules() if not isinstance(m, nn.Sequential)]
+    conv_block = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, models.small.SameMaxPool2d]
+    dense_block = [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout]
+    assert [type(m) for m in layers] == 2 * conv_block + [nn.Flatten] + 2 * dense_block + [nn.Linear]
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    assert all(c.kernel_size == (5, 5) and c.out_channels == 64 and c.padding == (2, 2) for c in convs)
+    assert all((p.kernel_size, p.stride) == (3, 2) for p in layers if isinstance(p, models.small.SameMaxPool2d))
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64 * 8 * 8, 384), (384, 192), (192, 10)]
+    assert all(m.p == 0.5 for m in layers if isinstance(m, nn.Dropout))
+
+
+def keras_same_max_pool(image: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Keras 'same' max-pooling written out: out = ceil(n / s), windows start at i*s - pad_before with
+    pad_before = floor(total / 2) (the odd padding pixel goes after), clipped to the image."""
+    def starts(size: int) -> list[int]:
+        out = -(-size // stride)
+        before = max((out - 1) * stride + kernel - size, 0) // 2
+        return [i * stride - before for i in range(out)]
+
+    rows, cols = starts(image.shape[-2]), starts(image.shape[-1])
+    result = torch.empty(*image.shape[:-2], len(rows), len(cols))
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            window = image[..., max(r, 0):r + kernel, max(c, 0):c + kernel]
+            result[..., i, j] = window.amax(dim=(-2, -1))
+    return result
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (7, 8), (5, 5)])
+def test_same_max_pool_matches_keras_windows(height, width):
+    image = torch.randn(2, 3, height, width)
+    pooled = models.small.SameMaxPool2d(3, stride=2)(image)
+    torch.testing.assert_close(pooled, keras_same_max_pool(image, 3, 2), rtol=0, atol=0)
+    if height == 32:  # PyTorch's symmetric padding has the same size but other windows
+        assert not torch.equal(pooled, nn.MaxPool2d(3, stride=2, padding=1)(image))
+
+
 def test_dummy_forward_leaves_batchnorm_untouched():
     model = models.keskar_c1(num_classes=10, input_shape=IMAGE)
     assert model.training
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         assert int(bn.num_batches_tracked) == 0 and torch.all(bn.running_mean == 0)
 
 

@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch import nn
 
+from sam_runner.build import build_optimizer
+from sam_runner.cli import CONFIG_DIR
+from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,6 +134,74 @@ def test_records_gradient_norm_of_first_pass():
     expected = math.sqrt(sum(float((g**2).sum()) for g in _grads(w0, b0, x, y)))
     assert opt.last_grad_norm.item() == pytest.approx(expected, rel=1e-12)
     assert opt.last_perturbation_norm.item() == pytest.approx(0.05, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ASAM's two published forms, built from their presets by build_optimizer (REFERENCE.md §1 and §5).
+
+
+def _optimizer_config(name: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"optimizer={name}"])
+
+
+def _asam_net() -> nn.Module:
+    """Named weights (two Linear, one BatchNorm) and biases, in float64."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _asam_reference_eps(net: nn.Module, rho: float, eta: float, rescaled) -> dict[str, torch.Tensor]:
+    """ε = ρ·T²⊙g / (‖T⊙g‖₂ + δ), one norm over all parameters; T = |w| + eta where rescaled(name), else 1."""
+    ts = {n: p.detach().abs() + eta if rescaled(n) else torch.ones_like(p) for n, p in net.named_parameters()}
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    norm = math.sqrt(sum(float(((ts[n] * grads[n]) ** 2).sum()) for n in ts))
+    return {n: rho * ts[n] ** 2 * grads[n] / (norm + 1e-12) for n in ts}
+
+
+@pytest.mark.parametrize("name, rho, eta, rescaled", [
+    ("asam", 1.0, 0.01, lambda n: "weight" in n),  # the ASAM authors' code
+    ("asam_davda54", 2.0, 0.0, lambda n: True),  # the davda54 port
+])
+def test_asam_presets_perturb_by_their_published_formulas(name, rho, eta, rescaled):
+    cfg = _optimizer_config(name)
+    assert (cfg.rho, cfg.optimizer.sam.eta) == (rho, eta)
+    net, (x, y) = _asam_net(), _batch()
+    opt = build_optimizer(cfg.optimizer, cfg.rho, 0.1, net)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    F.cross_entropy(net(x.double()), y).backward()
+    expected = _asam_reference_eps(net, rho, eta, rescaled)
+    opt.first_step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] + expected[n], rtol=1e-12, atol=1e-15)
+    expected_norm = math.sqrt(sum(float((e**2).sum()) for e in expected.values()))
+    assert opt.last_perturbation_norm.item() == pytest.approx(expected_norm, rel=1e-12)
+
+
+def test_the_two_asam_forms_differ_on_biases_and_by_eta():
+    """Guards the test above against forms that coincide: same gradient, other ε on biases and weights."""
+    net, (x, y) = _asam_net(), _batch()
+    F.cross_entropy(net(x.double()), y).backward()
+    authors = _asam_reference_eps(net, 1.0, 0.01, lambda n: "weight" in n)
+    port = _asam_reference_eps(net, 1.0, 0.0, lambda n: True)
+    moving = [n for n, p in net.named_parameters() if p.grad.norm() > 1e-9]  # not 0.bias: BatchNorm cancels it
+    assert moving == ["0.weight", "1.weight", "1.bias", "3.weight", "3.bias"]
+    assert all(not torch.allclose(authors[n], port[n], rtol=1e-3) for n in moving)
+
+
+def test_authors_form_puts_batchnorm_weights_with_the_rescaled_weights():
+    net = _asam_net()
+    opt = build_optimizer(_optimizer_config("asam").optimizer, 1.0, 0.1, net)
+    names = {p: n for n, p in net.named_parameters()}
+    groups = [(g["adaptive"], sorted(names[p] for p in g["params"])) for g in opt.param_groups]
+    assert groups == [(True, ["0.weight", "1.weight", "3.weight"]), (False, ["0.bias", "1.bias", "3.bias"])]
+
+
+def test_unknown_adaptive_params_is_a_config_error():
+    cfg = _optimizer_config("asam")
+    OmegaConf.update(cfg, "optimizer.sam.adaptive_params", "biases")
+    with pytest.raises(ConfigError, match="adaptive_params must be one of weights, all"):
+        build_optimizer(cfg.optimizer, cfg.rho, 0.1, _asam_net())
 
 
 # ---------------------------------------------------------------------------------------------------------

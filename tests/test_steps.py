@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam_runner.optim import SAM
+from sam_runner import steps
 from sam_runner.steps import train_step
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,6 +158,71 @@ def test_rho_zero_train_step_is_bit_identical_to_base_with_batchnorm():
         train_step(twin, x, y, plain, F.cross_entropy)
     for a, b in zip(net.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout: both passes of a SAM step see the same mask.
+
+
+def _dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_rho_zero_with_dropout_is_bit_identical_to_a_plain_step_with_the_same_mask():
+    net, (x, y) = _dropout_net(), _batch()
+    twin = copy.deepcopy(net)
+    sam = SAM(net.parameters(), torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9)
+    plain = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(1)
+    results = [train_step(net, x, y, sam, F.cross_entropy) for _ in range(3)]
+    after_sam = torch.get_rng_state()
+    torch.manual_seed(1)
+    for _ in range(3):
+        train_step(twin, x, y, plain, F.cross_entropy)
+    assert all(torch.equal(r.perturbed_loss, r.loss) for r in results)  # the same sub-network
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), after_sam)  # a SAM step draws what a plain step draws
+
+
+def _recording_masks(dropout: nn.Module) -> list[torch.Tensor]:
+    """The kept entries of every forward of `dropout` (its inputs are never exactly zero here)."""
+    masks: list[torch.Tensor] = []
+    dropout.register_forward_hook(lambda module, inputs, output: masks.append(output != 0))
+    return masks
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+def test_both_passes_of_a_sam_step_see_the_same_dropout_mask(device, micro_batch_size):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Dropout(0.5), nn.Linear(5, 3)).to(device)
+    x, y = (t.to(device) for t in _batch())
+    masks = _recording_masks(net[0])
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    for _ in range(2):
+        train_step(net, x, y, opt, F.cross_entropy, micro_batch_size=micro_batch_size)
+    chunks = 1 if micro_batch_size is None else len(x) // micro_batch_size
+    assert len(masks) == 2 * 2 * chunks  # steps x chunks x (clean, perturbed)
+    clean, perturbed = masks[0::2], masks[1::2]
+    assert all(torch.equal(a, b) for a, b in zip(clean, perturbed))
+    assert not torch.equal(clean[-1], clean[-1 - chunks])  # the next step draws a new mask
+
+
+@pytest.mark.parametrize("net", [
+    nn.Sequential(nn.Linear(5, 3)),
+    nn.Sequential(nn.Dropout(0.5), nn.Linear(5, 3)).eval(),
+    nn.Sequential(nn.Dropout(0.0), nn.Linear(5, 3)),
+], ids=["no-dropout", "dropout-in-eval-mode", "dropout-p-zero"])
+def test_a_step_without_active_dropout_leaves_the_rng_state_alone(net, monkeypatch):
+    def refuse(device):
+        raise AssertionError("read the RNG state of a model that draws no dropout mask")
+
+    monkeypatch.setattr(steps, "_rng_state", refuse)
+    x, y = _batch()
+    train_step(net, x, y, SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1), F.cross_entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------

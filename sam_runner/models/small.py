@@ -5,7 +5,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from sam_runner.errors import ConfigError
 from sam_runner.models.resnet import image_channels
@@ -45,16 +46,44 @@ def mlp(num_classes: int, input_shape: Sequence[int], hidden: Sequence[int] = (1
     return nn.Sequential(*layers)
 
 
+class SameMaxPool2d(nn.Module):
+    """Max-pooling with Keras/TensorFlow 'same' padding, as in Keskar et al.'s code.
+
+    The output has ceil(n / stride) rows (and columns); the padding that needs is split with the odd pixel at
+    the bottom/right. PyTorch's symmetric `padding=1` gives the same size on a 32-pixel side but shifts every
+    window up-left by one pixel. Padding is -inf, so it never wins the max.
+    """
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads: list[int] = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
+            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel_size - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding='same'"
+
+
 def keskar_c1(num_classes: int, input_shape: Sequence[int]) -> nn.Sequential:
-    """Keskar et al.'s C1: two [conv5x5-64, BN, ReLU, max-pool 3x3/2] blocks, then FC 384, FC 192, classifier."""
+    """Keskar et al.'s C1 (`network_zoo.shallownet` in their code): two [conv 5x5-64 'same', BN, ReLU, max-pool
+    3x3/2 'same'] blocks, flatten, then [Dense, BN, ReLU, Dropout 0.5] with 384 and with 192 units, classifier.
+
+    1,757,834 parameters on (3, 32, 32) with 10 classes (64*8*8 = 4096 features after the blocks).
+    """
     in_channels = image_channels(input_shape, "keskar_c1")
 
-    def block(in_planes: int) -> list[nn.Module]:
-        return [nn.Conv2d(in_planes, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(),
-                nn.MaxPool2d(3, stride=2, padding=1)]
+    def conv_block(in_planes: int) -> list[nn.Module]:
+        return [nn.Conv2d(in_planes, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), SameMaxPool2d(3, stride=2)]
 
-    features = nn.Sequential(*block(in_channels), *block(64), nn.Flatten())
+    def dense_block(in_features: int, units: int) -> list[nn.Module]:
+        return [nn.Linear(in_features, units), nn.BatchNorm1d(units), nn.ReLU(), nn.Dropout(0.5)]
+
+    features = nn.Sequential(*conv_block(in_channels), *conv_block(64), nn.Flatten())
     return nn.Sequential(features,
-                         nn.Linear(_flat_size(features, input_shape), 384), nn.ReLU(),
-                         nn.Linear(384, 192), nn.ReLU(),
+                         *dense_block(_flat_size(features, input_shape), 384), *dense_block(384, 192),
                          nn.Linear(192, num_classes))
