@@ -1,4 +1,5 @@
-"""Entry points (`sam-run`, `sam-measure`): the one place that turns exceptions into clear messages and exit codes.
+"""Entry points (`sam-run`, `sam-measure`, `sam-report`, `sam-landscape`): the one place that turns exceptions into
+clear messages and exit codes.
 
 `sam-run` is a Hydra app. Before Hydra starts any job, a pre-flight composes the config once for every value
 of every override (a sweep's values one at a time) and validates it, so a typo, a bad type, rho < 0 or an
@@ -194,6 +195,51 @@ def measure_main(argv: list[str] | None = None) -> None:
         _fail(error, "sam-measure")
     for name, value in result.items():
         print(f"{name:>16s}  {value:.6g}")
+
+
+def landscape_main(argv: list[str] | None = None) -> None:
+    """`sam-landscape RUN [RUN...]` or `sam-landscape --interpolate RUN_A RUN_B`: pictures of flatness, PNG + CSV."""
+    parser = argparse.ArgumentParser(
+        prog="sam-landscape", description=landscape_main.__doc__,
+        epilog="Train and test loss along a filter-normalized random direction, one curve pair per run; or, with "
+               "--interpolate, loss and accuracy along w(alpha) = alpha*w_B + (1-alpha)*w_A. docs/landscape.md")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by sam-run")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="Keskar's parametric plot between exactly two runs of one network (same seed)")
+    parser.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="t along the direction (default -1 1), or alpha with --interpolate (default -1 2)")
+    parser.add_argument("--points", type=int, help="points along the line (default 41; 25 with --interpolate)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random direction and --num-samples' subset")
+    parser.add_argument("--num-samples", type=int,
+                        help="evaluate on a fixed, seeded subset of this many training and this many test samples "
+                             "(default: all)")
+    parser.add_argument("--bn-stats", choices=["recompute", "interpolate"],
+                        help="with --interpolate: BatchNorm running statistics recomputed at each alpha (default) "
+                             "or interpolated like the weights")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to evaluate (default: the run's device)")
+    parser.add_argument("--out", type=Path, help="output directory (default: FIRST_RUN/landscape)")
+    args = parser.parse_args(argv)
+    if args.interpolate and len(args.runs) != 2:
+        parser.error(f"--interpolate takes exactly two runs, RUN_A RUN_B (got {len(args.runs)})")
+    if args.bn_stats and not args.interpolate:
+        parser.error("--bn-stats applies only with --interpolate (a direction leaves BatchNorm statistics as trained)")
+    import warnings
+
+    from sam_runner import landscape
+
+    warnings.formatwarning = lambda message, *_: f"sam-landscape: warning: {message}\n"
+    given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
+    options = {"seed": args.seed, "num_samples": args.num_samples, "device": args.device,
+               **{key: value for key, value in given.items() if value is not None}}
+    try:
+        if args.interpolate:
+            paths = landscape.interpolation(*args.runs, args.out, **options)
+        else:
+            paths = landscape.directions(args.runs, args.out, **options)
+    except SamRunnerError as error:
+        _fail(error, "sam-landscape")
+    for path in paths:
+        print(path)
 
 
 def report_main(argv: list[str] | None = None) -> None:
