@@ -248,13 +248,17 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
                         help="sweep or run directories written by sam-run (searched recursively for summary.json)")
     parser.add_argument("--out", type=Path, help="where to write the report (default: <first PATH>/report)")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help="skip the flatness pictures of a small/large-batch pair (they read checkpoints)")
     args = parser.parse_args(argv)
     from sam_runner.report import ReportError  # imported here so `sam-report --help` stays fast
     from sam_runner.report_files import write_report
 
     try:
-        report = write_report(args.paths, args.out)
-    except ReportError as error:
+        report = write_report(args.paths, args.out, pictures=not args.no_pictures)
+    except SamRunnerError as error:
+        if not isinstance(error, ReportError):
+            _fail(error, "sam-report")
         for problem in error.problems:
             print(f"sam-report: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

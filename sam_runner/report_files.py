@@ -83,7 +83,46 @@ def _plots(runs: list[Run], groups: list[Group], found: list[Correlation], out_d
     return written
 
 
-def _protocol_section(runs: list[Run], protocol: str | None, prefix: str, out_dir: Path) -> tuple[list[str], list[Path]]:
+def flatness_pair(runs: list[Run]) -> tuple[Run, Run] | None:
+    """The small- and large-batch runs to picture: the smallest and largest batch size of one optimizer (a plain
+    one first) and one seed (the lowest both have), both completed with a checkpoint; None without such a pair."""
+    usable = [run for run in runs if run.completed and (run.path / "checkpoints" / "last.pt").is_file()]
+    candidates = []
+    for run in usable:
+        for other in usable:
+            same = {key: run.get(key) for key in GROUP_KEYS if key not in ("batch_size", "lr", "steps_budget", "epochs")}
+            if other.get("batch_size") > run.get("batch_size") and run.get("seed") == other.get("seed") and \
+                    all(other.get(key) == value for key, value in same.items()):
+                candidates.append((run.get("rho") is not None, -(other.get("batch_size") / run.get("batch_size")),
+                                   run.get("seed"), run, other))
+    if not candidates:
+        return None
+    *_, small, large = min(candidates, key=lambda item: item[:3])
+    return small, large
+
+
+def _flatness_section(runs: list[Run], out_dir: Path) -> tuple[list[str], list[Path]]:
+    """Keskar's interpolation between one small/large-batch pair, and both along a filter-normalized direction."""
+    from sam_runner import landscape  # loads torch: only when a report pictures checkpoints
+
+    pair = flatness_pair(runs)
+    if pair is None:
+        return [], []
+    small, large = pair
+    written = [*landscape.interpolation(small.path, large.path, out_dir),
+               *landscape.directions([small.path, large.path], out_dir)]
+    pictures = [path for path in written if path.suffix == ".png"]
+    lines = ["### Pictures of flatness", "",
+             f"Runs `{small.name}` (batch {small.get('batch_size')}, α = 0) and `{large.name}` "
+             f"(batch {large.get('batch_size')}, α = 1), {optimizer_label(small.summary, with_rho=True)}, seed "
+             f"{small.get('seed')}: Keskar's interpolation w(α) = α·w_large + (1 − α)·w_small, and the loss along one "
+             "filter-normalized random direction (docs/landscape.md).", "",
+             *(f"![{path.stem}]({path.relative_to(out_dir.parent).as_posix()})" for path in pictures), ""]
+    return lines, written
+
+
+def _protocol_section(runs: list[Run], protocol: str | None, prefix: str, out_dir: Path, pictures: bool
+                      ) -> tuple[list[str], list[Path]]:
     groups = group_runs(runs)
     columns = measured_columns([run for run in runs if run.completed])
     found = correlations(runs)
@@ -100,6 +139,10 @@ def _protocol_section(runs: list[Run], protocol: str | None, prefix: str, out_di
         lines += ["No completed run has a sharpness measurement.", ""]
     if plots:
         lines += ["### Plots", "", *(f"![{path.stem}]({path.name})" for path in plots), ""]
+    if pictures:
+        flatness, written = _flatness_section(runs, out_dir / f"{prefix}flatness")
+        lines += flatness
+        plots += written
     header, rows, _ = run_table(runs)
     lines += ["### Runs", "", *markdown_table(header, rows), ""]
     notes = error_notes(runs)
@@ -153,7 +196,7 @@ def _groups_csv(groups: list[Group], path: Path) -> Path:
     return _write_csv(path, header, rows)
 
 
-def _write(runs: list[Run], paths: list[Path], out_dir: Path) -> Report:
+def _write(runs: list[Run], paths: list[Path], out_dir: Path, pictures: bool) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter(run.status for run in runs)
     found = protocols(runs)
@@ -166,7 +209,7 @@ def _write(runs: list[Run], paths: list[Path], out_dir: Path) -> Report:
     plots = []
     for index, protocol in enumerate(found, start=1):
         section, written = _protocol_section([run for run in runs if run.get("protocol") == protocol], protocol,
-                                             f"p{index}_" if len(found) > 1 else "", out_dir)
+                                             f"p{index}_" if len(found) > 1 else "", out_dir, pictures)
         lines += section
         plots += written
     markdown = "\n".join(lines)
@@ -175,15 +218,17 @@ def _write(runs: list[Run], paths: list[Path], out_dir: Path) -> Report:
                              _groups_csv(group_runs(runs), out_dir / "groups.csv"), *plots])
 
 
-def write_report(paths: list[Path], out_dir: Path | None = None) -> Report:
+def write_report(paths: list[Path], out_dir: Path | None = None, *, pictures: bool = True) -> Report:
     """Read every run under `paths` and write the report into `out_dir` (default: `<first path>/report`).
+
+    `pictures`: also draw the flatness pictures of one small/large-batch pair from their checkpoints.
 
     Raises ReportError for paths without runs and for an output directory that cannot be written.
     """
     out_dir = out_dir if out_dir is not None else paths[0] / "report"
     runs = find_runs(paths, skip=out_dir)
     try:
-        return _write(runs, paths, out_dir)
+        return _write(runs, paths, out_dir, pictures)
     except OSError as error:
         raise ReportError([f"cannot write the report into {out_dir}: {error.strerror or error}; choose another "
                            "--out"]) from None

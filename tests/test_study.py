@@ -42,4 +42,11 @@ def test_the_study_preset_runs_end_to_end_and_sam_report_writes_its_files(workdi
     assert len(groups) == 4 and {group["n_completed"] for group in groups} == {"2"}
     pngs = sorted(path.name for path in out.glob("*.png"))
     assert any("batch" in name for name in pngs) and any("keskar" in name for name in pngs)
-    assert "Kendall" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "Kendall" in markdown
+    # Flatness pictures of one pair: plain SGD (before SAM), batch 16 vs 128, the lowest seed.
+    for name in ("interpolation.png", "interpolation.csv", "direction.png", "direction.csv"):
+        assert (out / "flatness" / name).stat().st_size > 0
+    assert "![interpolation](flatness/interpolation.png)" in markdown
+    pair = markdown[markdown.index("### Pictures of flatness"):].split("\n")[2]
+    assert "(batch 16, α = 0)" in pair and "(batch 128, α = 1)" in pair and "sgd" in pair and "seed 0" in pair
