@@ -27,7 +27,7 @@ from sam_runner import checkpoint, saved_run, sharpness
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
                               resolve_device, resolve_precision, target_name)
 from sam_runner.config import sharpness_measures, sharpness_options, validate
-from sam_runner.errors import SamRunnerError
+from sam_runner.errors import ConfigError, SamRunnerError
 from sam_runner.logbook import HPARAM_METRICS, Logbook, Stopwatch, read_summary
 from sam_runner.plan import RunPlan, at_chance, effective_lr, make_plan, protocol_name
 from sam_runner.steps import StepResult, train_step
@@ -301,8 +301,12 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     run = saved_run.load(run_dir, checkpoint_path=checkpoint_path,
                          overrides={"sharpness.measures": measures, "sharpness.rho": rho,
                                     "sharpness.num_samples": num_samples, "device": device})
-    record = measure(run.model, run.data.sharpness, _measures_for(run.model, run.settings), run.settings,
-                     epoch=run.state["epoch"], step=run.state.get("step", 0), source="sam-measure")
+    measures = _measures_for(run.model, run.settings)
+    if not measures:
+        raise ConfigError("no sharpness measure selected (the run trained with sharpness.measures=[]): pass "
+                          "--measures auto or a comma-separated list")
+    record = measure(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
+                     step=run.state.get("step", 0), source="sam-measure")
     summary = read_summary(run_dir) or {}
     add_measurement(summary, record)
     checkpoint.write_json_atomic(summary, run_dir / "summary.json")

@@ -211,6 +211,12 @@ def test_sam_measure_adds_measurements_at_two_radii_and_keeps_the_runs_own(sam_r
     assert added[0]["values"]["ascent"] != added[1]["values"]["ascent"]  # two radii, two numbers
 
 
+def test_sam_measure_without_any_measure_selected_says_so(sam_run_dir: Path, tmp_path: Path) -> None:
+    result = run_cli("sam-measure", str(sam_run_dir), "--measures", "", cwd=tmp_path)
+    assert result.returncode == 2 and "--measures auto" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_sam_measure_refuses_a_corrupt_checkpoint_in_one_line(sam_run_dir: Path, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
