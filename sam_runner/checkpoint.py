@@ -7,6 +7,7 @@ flushed to disk, then renamed over the old one: a kill mid-write leaves the prev
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,9 +42,24 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     replace_atomically(path, lambda file: torch.save({"format_version": FORMAT_VERSION, **state}, file))
 
 
+def strict_json(data: Any, **dumps_options: Any) -> str:
+    """JSON text that strict parsers (JavaScript, jq, dashboards) accept: NaN and ±infinity, which JSON has no
+    words for, are written as null (a diverged run's losses, say); anything else unknown as its str()."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), allow_nan=False, default=str, **dumps_options)
+
+
 def write_json_atomic(data: Any, path: Path) -> None:
     """JSON files (summary.json, run.json) are replaced atomically too, so readers never see half a file."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    text = strict_json(data, indent=2) + "\n"
     replace_atomically(path, lambda file: file.write(text.encode()))
 
 

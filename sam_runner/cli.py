@@ -25,8 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_runner import config as config_schema
 from sam_runner.errors import ConfigError, SamRunnerError
+from sam_runner.report import FINISHED, SweepTable
 
+# Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
+# job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 130 interrupted (Ctrl-C).
+EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
 PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
 
@@ -134,7 +139,10 @@ def preflight(args: argparse.Namespace) -> None:
             except (HydraException, OSError) as error:
                 raise _explain_compose_error(error) from None
             config_schema.validate(cfg)
-            output = cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir
+            key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+            output = str(OmegaConf.select(cfg, key) or "").strip()
+            if not output:
+                raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
             _check_writable(Path(output))
 
 
@@ -155,11 +163,19 @@ def _hydra_job(cfg: DictConfig) -> float | None:
         summary = train.run_experiment(cfg, Path(hydra_config.runtime.output_dir),
                                        choices=dict(hydra_config.runtime.choices),
                                        plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
-    except SamRunnerError as error:
+    except Exception as error:  # any class: the run's summary.json says failed, and a sweep goes on
+        foreseen = isinstance(error, SamRunnerError)
+        if not foreseen and os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = str(error) if foreseen else f"{type(error).__name__}: {error} (HYDRA_FULL_ERROR=1 shows where)"
         if not in_sweep:
-            _fail(error)
-        print(f"sam-run: run {hydra_config.job.num} failed: {error}", file=sys.stderr)
+            print(f"sam-run: error: {message}", file=sys.stderr)
+            sys.exit(EXIT_USAGE if foreseen else EXIT_NOT_COMPLETED)
+        print(f"sam-run: run {hydra_config.job.num} failed: {message}", file=sys.stderr)
         return None
+    if not in_sweep and summary["status"] not in FINISHED:
+        print(f"sam-run: error: the run {summary['status']}: {summary.get('error')}", file=sys.stderr)
+        sys.exit(EXIT_NOT_COMPLETED)
     return objective(summary)
 
 
@@ -173,7 +189,13 @@ def main() -> None:
     first_rho = _first_rho(args.overrides) if args.multirun else None
     if first_rho is not None:
         os.environ[PLAIN_RHO_ENV] = first_rho
-    _hydra_job()
+    try:
+        _hydra_job()
+    except KeyboardInterrupt:
+        print("sam-run: interrupted; the run's summary.json says so", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    if args.multirun and SweepTable.unfinished:
+        sys.exit(EXIT_NOT_COMPLETED)
 
 
 def measure_main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ their own; their values are checked by the builders that consume them. Everythin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
@@ -94,6 +95,9 @@ class TopLevelSchema:
     sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
 
 
+FINITE_KEYS = ("rho", "lr", "label_smoothing", "max_grad_norm", "sharpness.rho", "stop.train_acc", "stop.train_loss")
+
+
 def _one_line(error: OmegaConfBaseException) -> str:
     """OmegaConf errors carry `full_key`/`object_type` lines; keep the first line and name the key."""
     message = str(error).splitlines()[0].strip()
@@ -157,6 +161,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(not missing, f"{', '.join(missing)} must be set (e.g. `{missing[0] if missing else ''}=mypkg.module.name` "
                           f"for a plug-in)")
     top = typed_top_level(cfg)
+    for key in FINITE_KEYS:  # inf passes every range check below, and nan fails them with a puzzling message
+        value = OmegaConf.select(top, key)
+        _require(value is None or math.isfinite(value), f"{key} must be a finite number (got {value})")
+    _require(0 <= top.seed < 2**32, f"seed must be in [0, 2**32 - 1] (got {top.seed}): NumPy takes 32-bit seeds")
     _require(top.rho >= 0, f"rho must be >= 0 (got {top.rho}): it is the radius of the weight perturbation")
     _require(top.lr > 0, f"lr must be > 0 (got {top.lr})")
     _require(top.batch_size > 0, f"batch_size must be > 0 (got {top.batch_size})")

@@ -23,7 +23,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from sam_runner.checkpoint import write_json_atomic
+from sam_runner.checkpoint import strict_json, write_json_atomic
 
 # Final metrics shown in TensorBoard's HParams table (summary.json key -> scalar tag).
 HPARAM_METRICS = {"train_acc": "train/acc", "test_acc": "test/acc", "gap_acc": "gap/acc",
@@ -108,7 +108,7 @@ class Logbook:
         """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step."""
         for tag, value in metrics.items():
             self._writer.add_scalar(tag, value, global_step=step)
-        self._metrics_file.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
+        self._metrics_file.write(strict_json({"epoch": epoch, "step": step, **metrics}) + "\n")
         self._metrics_file.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -329,12 +329,22 @@ def format_table(runs: list[Run]) -> str:
     return "\n".join([*named, *lines, *error_notes(runs)])
 
 
+FINISHED = ("completed", "duplicate")  # statuses of a run that needs nothing more
+
+
 class SweepTable(Callback):
-    """Prints the table of a sweep's runs once every job has finished, whichever launcher ran them."""
+    """Prints the table of a sweep's runs once every job has finished, whichever launcher ran them.
+
+    `unfinished` counts the runs that neither completed nor were skipped as duplicates, so that `sam-run` can
+    exit non-zero after a sweep in which some job failed, diverged or was interrupted.
+    """
+
+    unfinished = 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect(sweep_dir) if sweep_dir.is_dir() else []
+        SweepTable.unfinished = sum(1 for run in runs if run.status not in FINISHED)
         if runs:
             print(f"\nsweep {sweep_dir} ({len(runs)} runs)\n{format_table(runs)}\n"
                   f"seeds aggregated (mean ± std), Kendall's τ and plots: sam-report {sweep_dir}", flush=True)

@@ -83,6 +83,12 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
     except SamRunnerError as error:
         summary.update(status="failed", error=str(error))
         raise
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="interrupted by the user (Ctrl-C / SIGINT)")
+        raise
+    except Exception as error:  # whatever raised (a plug-in's bug, a full disk), the record must not say running
+        summary.update(status="failed", error=f"{type(error).__name__}: {error}")
+        raise
     finally:
         summary.update(clock.times())
         logbook.write_summary(summary)

@@ -157,6 +157,8 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("device=gpu", "expected one of [auto, cpu, cuda]"),
     ("model=custom", "model._target_ must be set"),
     ("sharpness.measures=[sharpest]", "sharpness.measures: unknown ['sharpest']"),
+    ("rho=inf", "rho must be a finite number (got inf)"),
+    ("hydra.run.dir=", "hydra.run.dir is empty"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(workdir: Path, override: str,
                                                                       message: str) -> None:

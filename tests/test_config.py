@@ -153,3 +153,20 @@ def test_parallel_launcher_runs_a_sweep(workdir: Path) -> None:
     summaries = [read_json(p) for p in sorted((workdir / "outputs" / "parallel").glob("*/summary.json"))]
     assert sorted(s["rho"] for s in summaries) == [0.01, 0.1]
     assert all(s["status"] == "completed" for s in summaries)
+
+
+@pytest.mark.parametrize("override", ["rho=inf", "lr=inf", "label_smoothing=-inf", "max_grad_norm=inf",
+                                      "sharpness.rho=inf", "stop.train_loss=inf", "lr=nan"])
+def test_non_finite_numbers_are_config_errors(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)} must be a finite number"):
+        validate(composed(override))
+
+
+@pytest.mark.parametrize("seed, valid", [(0, True), (2**32 - 1, True), (2**32, False), (-1, False)])
+def test_seeds_are_checked_against_what_numpy_accepts(seed: int, valid: bool) -> None:
+    if valid:
+        validate(composed(f"seed={seed}"))
+        return
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32 - 1\]"):
+        validate(composed(f"seed={seed}"))
