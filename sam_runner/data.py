@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -105,20 +106,35 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
     generator_args = sorted((key, value) for key, value in args.items() if key != "url")
     digest = hashlib.sha256(repr(generator_args).encode()).hexdigest()[:12]
     cache = Path(cache_dir, f"mnist1d_n{num_samples}_split{train_split}_seed{seed}_{digest}.pt") if cache_dir else None
-    if cache is not None and cache.is_file():
-        arrays = torch.load(cache, weights_only=True)
-    else:
+    arrays = _read_cache(cache) if cache is not None and cache.is_file() else None
+    if arrays is None:
         numpy_state, python_state = np.random.get_state(), random.getstate()
         try:
             generated = make_dataset(ObjectView(args))
         finally:
             np.random.set_state(numpy_state)
             random.setstate(python_state)
-        arrays = {key: torch.as_tensor(generated[key]) for key in ("x", "y", "x_test", "y_test")}
+        arrays = {key: torch.as_tensor(generated[key]) for key in _CACHE_KEYS}
         if cache is not None:
             replace_atomically(cache, lambda file: torch.save(arrays, file))  # a crash never leaves half a file
     return (TensorPairs(arrays["x"].float().unsqueeze(1), arrays["y"]),
             TensorPairs(arrays["x_test"].float().unsqueeze(1), arrays["y_test"]))
+
+
+_CACHE_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _read_cache(cache: Path) -> dict[str, Tensor] | None:
+    """The cached MNIST-1D tensors, or None (with a warning) when the file is corrupt: it is then regenerated."""
+    try:
+        arrays = torch.load(cache, weights_only=True)
+        if isinstance(arrays, dict) and all(isinstance(arrays.get(key), Tensor) for key in _CACHE_KEYS):
+            return arrays
+        reason = "it holds other data"
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    warnings.warn(f"MNIST-1D cache {cache} is unreadable ({reason}); generating the data again", RuntimeWarning)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

@@ -132,6 +132,18 @@ def test_mnist1d_cache_round_trip(tmp_path, monkeypatch):
         assert all(torch.equal(u, v) for u, v in zip(a.tensors, b.tensors))
 
 
+@pytest.mark.parametrize("content", [b"not a torch file", b""])
+def test_a_corrupt_mnist1d_cache_is_regenerated_with_a_warning(tmp_path, content):
+    first = data.mnist1d(num_samples=200, cache_dir=str(tmp_path))
+    (cache,) = tmp_path.iterdir()
+    cache.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match="unreadable.*generating the data again"):
+        again = data.mnist1d(num_samples=200, cache_dir=str(tmp_path))
+    for a, b in zip(first, again):
+        assert all(torch.equal(u, v) for u, v in zip(a.tensors, b.tensors))
+    assert data.mnist1d(num_samples=200, cache_dir=str(tmp_path))  # the rewritten cache reads cleanly
+
+
 def test_mnist1d_rejects_a_bad_split():
     with pytest.raises(DataError, match="train_split"):
         data.mnist1d(num_samples=100, train_split=1.0)
