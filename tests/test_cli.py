@@ -176,6 +176,41 @@ def test_a_bad_value_inside_a_sweep_stops_the_sweep_before_any_run(workdir: Path
     assert not (workdir / "outputs").exists()
 
 
+def test_a_clashing_combination_in_a_sweep_stops_it_before_any_run(workdir: Path) -> None:
+    """Each value is valid alone; batch 16 with micro-batch 64 is not."""
+    result = run_cli("sam-run", "-m", *TINY, "optimizer=sam", "batch_size=16,256",
+                     "optimizer.sam.micro_batch_size=8,64", cwd=workdir)
+    assert result.returncode == 2 and "micro_batch_size must be null or in [1, batch_size=16] (got 64)" in result.stderr
+    assert not (workdir / "outputs").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["optimizer=sam,asam", "optimizer.sam.eta=0.0,0.01"],  # eta exists only once the optimizer is chosen
+    ["model=custom", "model._target_=sam_runner.models.mlp,sam_runner.models.cnn1d"],  # _target_ needs model=custom
+])
+def test_valid_sweeps_whose_values_need_each_other_pass_the_preflight(argv: list[str]) -> None:
+    from sam_runner.cli import hydra_arguments, preflight
+
+    preflight(hydra_arguments(["-m", *argv]))
+
+
+def test_the_preflight_builds_jobs_as_hydras_basic_sweeper_does() -> None:
+    from sam_runner.cli import _jobs, _split_overrides
+
+    fixed, by_key = _split_overrides(["batch_size=16,256", "seed=0", "rho=interval(0.01,0.5)", "+x=1", "seed=3"])
+    assert fixed == ["seed=0", "+x=1", "seed=3"]
+    assert by_key == {"batch_size": ["batch_size=16", "batch_size=256"], "+x": ["+x=1"], "seed": ["seed=3"]}
+    assert _jobs({"a": ["a=1", "a=2"], "b": ["b=1", "b=2", "b=3"]})[:2] == [["a=1", "b=1"], ["a=1", "b=2"]]
+
+
+def test_the_preflight_checks_a_presets_grid_with_the_command_lines_overrides(workdir: Path) -> None:
+    """The preset sweeps batch 32/256/1000 and sgd/sam; fixing SAM with micro-batch 64 clashes with batch 32."""
+    result = run_cli("sam-run", "-m", "experiment=batch_size_gap", "optimizer=sam",
+                     "optimizer.sam.micro_batch_size=64", cwd=workdir)
+    assert result.returncode == 2 and "batch_size=32] (got 64)" in result.stderr
+    assert not (workdir / "outputs").exists()
+
+
 def test_unwritable_output_directory_is_a_clear_error(workdir: Path) -> None:
     (workdir / "blocker").write_text("a file where a directory should be")
     result = run_cli("sam-run", *TINY, "hydra.run.dir=blocker/run", cwd=workdir)
