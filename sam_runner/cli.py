@@ -68,9 +68,9 @@ def job_dirname(overrides: str) -> str:
 OmegaConf.register_new_resolver("job_dirname", lambda text: job_dirname(str(text)), replace=True)
 
 
-def _fail(error: Exception, program: str = "sam-run") -> None:
+def _fail(error: Exception | str, program: str = "sam-run", code: int = EXIT_USAGE) -> None:
     print(f"{program}: error: {error}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
 
 
 def _one_line(error: Exception) -> str:
@@ -153,7 +153,7 @@ def preflight(args: argparse.Namespace) -> None:
     search = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = _composed(args, fixed + search)  # as Hydra: a sweep's own config comes from the fixed overrides alone
-        preset_params = OmegaConf.select(base, "hydra.sweeper.params") or {} if args.multirun else {}
+        preset_params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if args.multirun else {}
         if preset_params:  # a preset's grid comes first; the command line's overrides of the same keys win
             _, preset = _split_overrides([f"{key}={value}" for key, value in preset_params.items()])
             by_key = {**preset, **by_key}
@@ -197,13 +197,11 @@ def _hydra_job(cfg: DictConfig) -> float | None:
             raise
         message = str(error) if foreseen else f"{type(error).__name__}: {error} (HYDRA_FULL_ERROR=1 shows where)"
         if not in_sweep:
-            print(f"sam-run: error: {message}", file=sys.stderr)
-            sys.exit(EXIT_USAGE if foreseen else EXIT_NOT_COMPLETED)
+            _fail(message, code=EXIT_USAGE if foreseen else EXIT_NOT_COMPLETED)
         print(f"sam-run: run {hydra_config.job.num} failed: {message}", file=sys.stderr)
         return None
     if not in_sweep and summary["status"] not in FINISHED:
-        print(f"sam-run: error: the run {summary['status']}: {summary.get('error')}", file=sys.stderr)
-        sys.exit(EXIT_NOT_COMPLETED)
+        _fail(f"the run {summary['status']}: {summary.get('error')}", code=EXIT_NOT_COMPLETED)
     return objective(summary)
 
 

@@ -19,9 +19,6 @@ from omegaconf import DictConfig
 # majority-class fraction (0.15 for 10 balanced classes): a loss stuck at ln K trains no better than guessing.
 CHANCE_MULTIPLE = 1.5
 
-LR_SCALING_RULES = ("none", "linear", "sqrt")
-
-
 def scaled_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str) -> float:
     """lr at `batch_size`: unchanged, × B/B_ref (Goyal et al. 2017) or × √(B/B_ref) (Hoffer et al. 2017)."""
     ratio = batch_size / reference_batch_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,22 +83,25 @@ def _plots(runs: list[Run], groups: list[Group], found: list[Correlation], out_d
     return written
 
 
+BATCH_DEPENDENT_KEYS = ("batch_size", "lr", "steps_budget", "epochs")  # differ between the two runs of a pair
+
+
 def flatness_pair(runs: list[Run]) -> tuple[Run, Run] | None:
-    """The small- and large-batch runs to picture: the smallest and largest batch size of one optimizer (a plain
-    one first) and one seed (the lowest both have), both completed with a checkpoint; None without such a pair."""
-    usable = [run for run in runs if run.completed and (run.path / "checkpoints" / "last.pt").is_file()]
-    candidates = []
-    for run in usable:
-        for other in usable:
-            same = {key: run.get(key) for key in GROUP_KEYS if key not in ("batch_size", "lr", "steps_budget", "epochs")}
-            if other.get("batch_size") > run.get("batch_size") and run.get("seed") == other.get("seed") and \
-                    all(other.get(key) == value for key, value in same.items()):
-                candidates.append((run.get("rho") is not None, -(other.get("batch_size") / run.get("batch_size")),
-                                   run.get("seed"), run, other))
-    if not candidates:
+    """The small- and large-batch runs to picture: the smallest and largest batch size of one setting and seed —
+    a plain optimizer first, then the largest batch-size ratio, then the lowest seed — both completed with a
+    checkpoint; None without such a pair."""
+    same_setting: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.completed and run.get("batch_size") is not None and (run.path / "checkpoints" / "last.pt").is_file():
+            setting = [run.get(key) for key in (*GROUP_KEYS, "seed") if key not in BATCH_DEPENDENT_KEYS]
+            same_setting[json.dumps(setting, default=str)].append(run)
+    pairs = [(min(group, key=lambda run: run.get("batch_size")), max(group, key=lambda run: run.get("batch_size")))
+             for group in same_setting.values()]
+    pairs = [(small, large) for small, large in pairs if large.get("batch_size") > small.get("batch_size")]
+    if not pairs:
         return None
-    *_, small, large = min(candidates, key=lambda item: item[:3])
-    return small, large
+    return min(pairs, key=lambda pair: (pair[0].get("rho") is not None,
+                                        -pair[1].get("batch_size") / pair[0].get("batch_size"), pair[0].get("seed")))
 
 
 def _flatness_section(runs: list[Run], out_dir: Path) -> tuple[list[str], list[Path]]:
