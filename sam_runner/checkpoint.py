@@ -39,7 +39,35 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Save a checkpoint dict; the file at `path` is always either the old or the new checkpoint."""
-    replace_atomically(path, lambda file: torch.save({"format_version": FORMAT_VERSION, **state}, file))
+    replace_atomically(path, lambda file: _save(state, _WriteErrors(file)))
+
+
+class _WriteErrors:
+    """A file that remembers why a write failed: torch.save turns the OSError of a full disk into an opaque
+    RuntimeError ("enforce fail at inline_container.cc"), and the user must be told the disk is full."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(state: dict[str, Any], file: _WriteErrors) -> None:
+    try:
+        torch.save({"format_version": FORMAT_VERSION, **state}, file)
+    except RuntimeError:
+        if file.error is not None:
+            raise file.error from None
+        raise
 
 
 def strict_json(data: Any, **dumps_options: Any) -> str:

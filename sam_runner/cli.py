@@ -26,14 +26,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sam_runner import config as config_schema
-from sam_runner.errors import ConfigError, SamRunnerError
+from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report import FINISHED, SweepTable
+from sam_runner.stopping import EXIT_INTERRUPTED, RunStopped
 
 # Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
-# job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 130 interrupted (Ctrl-C).
+# job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 75 pre-empted (SIGTERM,
+# SIGUSR1: checkpointed, re-run to continue); 130 interrupted (Ctrl-C).
 EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
 PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
 
@@ -66,6 +67,9 @@ def job_dirname(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("job_dirname", lambda text: job_dirname(str(text)), replace=True)
+# The launching process's id, fixed once per config (cached, like Hydra's `now`), so that the default directory of
+# two runs started in the same second differs while every job of a sweep, in whatever worker, sees the same one.
+OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
 
 
 def _fail(error: Exception | str, program: str = "sam-run", code: int = EXIT_USAGE) -> None:
@@ -165,6 +169,11 @@ def preflight(args: argparse.Namespace) -> None:
             if not output:
                 raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
             _check_writable(Path(output))
+            if not args.multirun:  # before Hydra writes .hydra/ into a directory that holds another run
+                from sam_runner import resume  # loads torch: not for `--help`
+                task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
+                resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
+                                           resume=bool(cfg.resume))
 
 
 def _composed(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
@@ -195,7 +204,7 @@ def _hydra_job(cfg: DictConfig) -> float | None:
         foreseen = isinstance(error, SamRunnerError)
         if not foreseen and os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = str(error) if foreseen else f"{type(error).__name__}: {error} (HYDRA_FULL_ERROR=1 shows where)"
+        message = str(error) if foreseen else f"{describe_unforeseen(error)} (HYDRA_FULL_ERROR=1 shows where)"
         if not in_sweep:
             _fail(message, code=EXIT_USAGE if foreseen else EXIT_NOT_COMPLETED)
         print(f"sam-run: run {hydra_config.job.num} failed: {message}", file=sys.stderr)
@@ -217,8 +226,12 @@ def main() -> None:
         os.environ[PLAIN_RHO_ENV] = first_rho
     try:
         _hydra_job()
+    except RunStopped as stopped:
+        print(f"sam-run: {stopped.status}: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except KeyboardInterrupt:
-        print("sam-run: interrupted; the run's summary.json says so", file=sys.stderr)
+        print("sam-run: interrupted; the run's summary.json says so, and re-running the same command continues "
+              "from its last checkpoint", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     if args.multirun and SweepTable.unfinished:
         sys.exit(EXIT_NOT_COMPLETED)

@@ -52,6 +52,7 @@ class EvalSchema:
 @dataclass
 class CheckpointSchema:
     every: int = 1
+    every_steps: Optional[int] = None
 
 
 @dataclass
@@ -89,6 +90,7 @@ class TopLevelSchema:
     label_smoothing: float = 0.0
     max_grad_norm: Optional[float] = None
     progress_every: int = 25
+    resume: bool = True
     eval: EvalSchema = field(default_factory=EvalSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     stop: StopSchema = field(default_factory=StopSchema)
@@ -179,6 +181,8 @@ def validate(cfg: DictConfig) -> DictConfig:
              f"stop.train_loss must be > 0 or null (got {top.stop.train_loss})")
     _require(top.eval.every > 0, f"eval.every must be >= 1 epoch (got {top.eval.every})")
     _require(top.checkpoint.every > 0, f"checkpoint.every must be >= 1 epoch (got {top.checkpoint.every})")
+    _require(top.checkpoint.every_steps is None or top.checkpoint.every_steps > 0,
+             f"checkpoint.every_steps must be >= 1 optimizer step or null (got {top.checkpoint.every_steps})")
     val_fraction = cfg.get("dataset", {}).get("val_fraction") or 0.0
     _require(isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1,
              f"dataset.val_fraction must be in [0, 1) (got {val_fraction}): the share of the training set held out")

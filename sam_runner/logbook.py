@@ -32,24 +32,50 @@ HPARAM_METRICS = {"train_acc": "train/acc", "test_acc": "test/acc", "gap_acc": "
 
 
 class Stopwatch:
-    """Seconds a run spends per phase (train, eval, checkpoint, sharpness), so its cost can be read apart."""
+    """Seconds a run spends per phase (train, eval, checkpoint, sharpness), so its cost can be read apart.
 
-    def __init__(self) -> None:
+    Phases nest exclusively: a checkpoint written in the middle of a training epoch pauses the train phase, so
+    every second is counted once. The totals carry over a resume (`previous`, from the checkpoint).
+    """
+
+    def __init__(self, previous: dict[str, Any] | None = None) -> None:
         self.started = time.perf_counter()
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.seconds: dict[str, float] = defaultdict(float, (previous or {}).get("phases", {}))
+        self.wall_before = (previous or {}).get("wall", 0.0)  # wall time of the attempts before a resume
+        self._open: list[list[Any]] = []  # [phase, since] of the phases entered and not left, innermost last
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        began = time.perf_counter()
+        self._charge_innermost()
+        self._open.append([phase, time.perf_counter()])
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - began
+            self._charge_innermost()
+            self._open.pop()
+            if self._open:
+                self._open[-1][1] = time.perf_counter()  # the outer phase runs again from now
+
+    def _charge_innermost(self) -> None:
+        if self._open:
+            now = time.perf_counter()
+            self.seconds[self._open[-1][0]] += now - self._open[-1][1]
+            self._open[-1][1] = now
+
+    def total(self, phase: str) -> float:
+        """Seconds in `phase` so far, the running stretch included."""
+        self._charge_innermost()
+        return self.seconds[phase]
+
+    def state(self) -> dict[str, Any]:
+        self._charge_innermost()
+        return {"phases": dict(self.seconds), "wall": self.wall_before + time.perf_counter() - self.started}
 
     def times(self) -> dict[str, float]:
-        """`<phase>_time_s` for every phase so far, and `wall_time_s` since the stopwatch was made."""
-        return {**{f"{phase}_time_s": value for phase, value in self.seconds.items()},
-                "wall_time_s": time.perf_counter() - self.started}
+        """`<phase>_time_s` for every phase so far, and `wall_time_s` of the whole run (every attempt)."""
+        state = self.state()
+        return {**{f"{phase}_time_s": value for phase, value in state["phases"].items()},
+                "wall_time_s": state["wall"]}
 
 
 def _package_version(name: str) -> str | None:
@@ -92,38 +118,62 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 class Logbook:
-    """Writes one run's records into its run directory."""
+    """Writes one run's records into its run directory.
 
-    def __init__(self, run_dir: Path, hparams: dict[str, Any]) -> None:
+    A continued run passes where its checkpoint left the records: metrics.jsonl is cut back to `metrics_offset`
+    bytes and TensorBoard hides the events from `purge_step` on, so each epoch appears exactly once.
+    """
+
+    def __init__(self, run_dir: Path, hparams: dict[str, Any], *, metrics_offset: int = 0,
+                 purge_step: int | None = None) -> None:
         self.run_dir = run_dir
         self.hparams = hparams
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=str(run_dir))
+        self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         self._metrics_file = (run_dir / "metrics.jsonl").open("a")
+        if self._metrics_file.tell() > metrics_offset:
+            self._metrics_file.truncate(metrics_offset)
 
-    def write_run_info(self, argv: list[str], resolved_config: dict[str, Any], device: torch.device) -> None:
-        write_json_atomic({"argv": argv, "config": resolved_config, **environment(device)}, self.run_dir / "run.json")
+    def write_run_info(self, argv: list[str], resolved_config: dict[str, Any], device: torch.device, *,
+                       resumed_at_step: int | None = None) -> None:
+        """run.json: the command, config and environment of the run; a continuation is added to `resumes`."""
+        info = {"argv": argv, "config": resolved_config, **environment(device)}
+        path = self.run_dir / "run.json"
+        if resumed_at_step is not None:
+            earlier = json.loads(path.read_text())
+            resume = {"argv": argv, "host": info["host"], "at_step": resumed_at_step,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            info = {**earlier, "resumes": [*earlier.get("resumes", []), resume]}
+        write_json_atomic(info, path)
 
-    def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step."""
+    def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> int:
+        """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step. Returns the size
+        of metrics.jsonl, which a checkpoint records."""
         for tag, value in metrics.items():
             self._writer.add_scalar(tag, value, global_step=step)
+        self._writer.flush()
         self._metrics_file.write(strict_json({"epoch": epoch, "step": step, **metrics}) + "\n")
         self._metrics_file.flush()
+        return self._metrics_file.tell()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic({**summary, **self.hparams}, self.run_dir / "summary.json")
 
     def close(self, summary: dict[str, Any]) -> None:
-        """Write the HParams record into this run's own event file (add_hparams would make a second run)."""
+        """Write the HParams record into this run's own event file (add_hparams would make a second run), once the
+        run has ended; a run that stopped to be continued gets it when it ends."""
+        if summary.get("status") in ("completed", "diverged"):
+            self._write_hparams(summary)
+        self._writer.close()
+        self._metrics_file.close()
+
+    def _write_hparams(self, summary: dict[str, Any]) -> None:
         metrics = {tag: summary[key] for key, tag in HPARAM_METRICS.items()
                    if isinstance(summary.get(key), (int, float)) and math.isfinite(summary[key])}
         hparams = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
                    for key, value in self.hparams.items()}
         for event in hparams_summary(hparams, metrics):
             self._writer.file_writer.add_summary(event)
-        self._writer.close()
-        self._metrics_file.close()
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -107,6 +107,9 @@ def measure(
     model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout is off
     results: dict[str, float] = {}
     try:
+        if not bool(torch.isfinite(landscape.w).all()) or not math.isfinite(landscape.loss()):
+            raise MeasureError("the weights or the loss at them are not finite (a diverged run?): sharpness is "
+                               "undefined there; measure an earlier checkpoint")
         with torch.enable_grad():
             for name in sorted(names, key=lambda name: name == "keskar"):  # keskar last: it reuses v1 if known
                 landscape.bar.set_description(f"sharpness/{name}")

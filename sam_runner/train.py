@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,14 +22,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sam_runner import checkpoint, saved_run, sharpness
+from sam_runner import checkpoint, resume, rundir, saved_run, sharpness, stopping
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
                               resolve_device, resolve_precision, target_name)
 from sam_runner.config import sharpness_measures, sharpness_options, validate
-from sam_runner.errors import ConfigError, SamRunnerError
+from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.logbook import HPARAM_METRICS, Logbook, Stopwatch, read_summary
 from sam_runner.plan import RunPlan, at_chance, effective_lr, make_plan, protocol_name
-from sam_runner.steps import StepResult, train_step
+from sam_runner.progress import Progress
+from sam_runner.steps import train_step
 
 log = logging.getLogger("sam_runner")
 SHOW_PROGRESS = sys.stderr.isatty()  # bars only for a person at a terminal, never in logs or CI
@@ -53,54 +53,90 @@ class Run:
     measures: list[str]  # sharpness measures taken during and at the end of the run
     logbook: Logbook
     clock: Stopwatch
+    stop: stopping.StopRequests  # SIGTERM/SIGUSR1/Ctrl-C requests, honoured between steps
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | None = None,
                    plain_rho: str | None = None) -> dict[str, Any]:
-    """Train one configuration and write everything into `run_dir`. Returns the final summary."""
-    clock = Stopwatch()
+    """Train one configuration and write everything into `run_dir`, continuing the run already there if it
+    stopped early (resume.py). Returns the final summary."""
     settings = validate(cfg)
     device = resolve_device(settings.device.value)
     precision = resolve_precision(settings.precision.value, device)
     hparams = describe(cfg, settings, choices or {}, precision, device)
     if cfg.optimizer.sam is None and plain_rho is not None and float(plain_rho) != settings.rho:
         return _skip_duplicate(run_dir, hparams, plain_rho)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with rundir.claim(run_dir), stopping.stop_requests() as stop:
+        prior = resume.inspect(run_dir, config, resume=settings.resume, device=device)
+        if prior.ended:
+            log.info("%s has %s already: not trained again (add resume=false to train it from scratch)", run_dir,
+                     prior.summary["status"])
+            return prior.summary
+        return _train(cfg, settings, precision, device, hparams, run_dir, prior.checkpoint, stop)
 
-    logbook = Logbook(run_dir, hparams)
-    logbook.write_run_info(sys.argv, OmegaConf.to_container(cfg, resolve=True), device)
-    summary: dict[str, Any] = {"status": "running", "epochs_completed": 0}
+
+def _train(cfg: DictConfig, settings: DictConfig, precision: str, device: torch.device, hparams: dict[str, Any],
+           run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests) -> dict[str, Any]:
+    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended."""
+    clock = Stopwatch(state["clock"] if state else None)
+    progress = Progress.from_state(state["progress"], device) if state else Progress()
+    logbook = Logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
+                      purge_step=progress.logged_step + 1 if state else None)
+    logbook.write_run_info(sys.argv, OmegaConf.to_container(cfg, resolve=True), device,
+                           resumed_at_step=progress.step if state else None)
+    summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
+    summary.pop("error", None)
     logbook.write_summary(summary)
     try:
-        run = build_run(cfg, settings, precision, device, logbook, clock)
-        summary.update(steps_budget=run.plan.total_steps, target_reached=False if run.plan.has_target else None)
+        run = build_run(cfg, settings, precision, device, logbook, clock, stop)
+        if state:
+            resume.restore(run, state)
+            log.info("continuing %s from epoch %d, batch %d (step %d)", run_dir, progress.epoch + 1, progress.batch,
+                     progress.step)
+        else:
+            summary.update(steps_budget=run.plan.total_steps, target_reached=False if run.plan.has_target else None)
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch | %s -> %s", hparams["dataset"],
                  hparams["model"], _optimizer_label(hparams), device, precision,
                  sum(p.numel() for p in run.model.parameters()), run.plan.steps_per_epoch, run.plan.protocol,
                  run_dir)
-        fit(run, summary)
+        fit(run, summary, progress)
         if summary["status"] == "running":
             summary["status"] = "completed"  # training and the final measurements are done
     except SamRunnerError as error:
         summary.update(status="failed", error=str(error))
         raise
+    except stopping.RunStopped as stopped:
+        summary.update(status=stopped.status, error=str(stopped))
+        raise
     except KeyboardInterrupt:
-        summary.update(status="interrupted", error="interrupted by the user (Ctrl-C / SIGINT)")
+        summary.update(status="interrupted", error="interrupted by the user (Ctrl-C): re-run the same command to "
+                                                   "continue from the last checkpoint")
         raise
     except Exception as error:  # whatever raised (a plug-in's bug, a full disk), the record must not say running
-        summary.update(status="failed", error=f"{type(error).__name__}: {error}")
+        summary.update(status="failed", error=describe_unforeseen(error))
         raise
     finally:
         summary.update(clock.times())
-        logbook.write_summary(summary)
-        logbook.close(summary)
+        _record_ending(logbook, summary)
     log.info("done (%s): train acc %.4f | test acc %.4f | gap %.4f | %.1fs -> %s", summary["status"],
              summary.get("train_acc", math.nan), summary.get("test_acc", math.nan),
              summary.get("gap_acc", math.nan), summary["wall_time_s"], run_dir)
     return summary
 
 
+def _record_ending(logbook: Logbook, summary: dict[str, Any]) -> None:
+    """Write the final summary; on a full disk even that can fail, which must not hide why the run stopped."""
+    try:
+        logbook.write_summary(summary)
+        logbook.close(summary)
+    except OSError as error:
+        log.error("could not record the run's end (%s) in %s: %s", summary["status"], logbook.run_dir,
+                  describe_unforeseen(error))
+
+
 def build_run(cfg: DictConfig, settings: DictConfig, precision: str, device: torch.device, logbook: Logbook,
-              clock: Stopwatch) -> Run:
+              clock: Stopwatch, stop: stopping.StopRequests) -> Run:
     """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
     saved_run.seed_everything(settings.seed)
     data = build_data(cfg, settings, device)
@@ -114,26 +150,27 @@ def build_run(cfg: DictConfig, settings: DictConfig, precision: str, device: tor
                criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                autocast_dtype=AUTOCAST_DTYPES[precision],
                micro_batch_size=sam.micro_batch_size if sam is not None else None,
-               measures=_measures_for(model, settings), logbook=logbook, clock=clock)
+               measures=_measures_for(model, settings), logbook=logbook, clock=clock, stop=stop)
 
 
-def fit(run: Run, summary: dict[str, Any]) -> None:
-    """The epoch loop: train, evaluate, check the target, checkpoint, log; sharpness when due and at the end.
+def fit(run: Run, summary: dict[str, Any], progress: Progress) -> None:
+    """The epoch loop: train, evaluate, check the target, measure when due, log, checkpoint.
 
     Follows `run.plan` (plan.py): how many batches each epoch trains, when it evaluates and checkpoints, and
-    when a target ends the run early. Updates `summary` in place after every epoch, so whoever holds it knows
-    how far the run got if it fails.
+    when a target ends the run early. Starts where `progress` stands (a continued run) and keeps it current,
+    and updates `summary` after every epoch, so whoever holds it knows how far the run got if it fails.
     """
     plan, clock, logbook = run.plan, run.clock, run.logbook
-    step, best_train_acc = 0, -math.inf
-    epochs = tqdm(range(plan.epochs), desc="epochs", disable=not SHOW_PROGRESS, leave=False)
+    if progress.ended:  # stopped after its final checkpoint, before its summary said so
+        return
+    epochs = tqdm(range(progress.epoch, plan.epochs), initial=progress.epoch, total=plan.epochs, desc="epochs",
+                  disable=not SHOW_PROGRESS, leave=False)
     with logging_redirect_tqdm():
         for epoch in epochs:
             with clock("train"):
-                epoch_start = time.perf_counter()
-                seen = train_epoch(run, epoch)
-                train_time = time.perf_counter() - epoch_start
-            step += plan.batches_in(epoch)
+                seen = train_epoch(run, progress, summary)
+            train_time = clock.total("train") - progress.epoch_train_start_s
+            step = progress.step
             metrics = {**seen, "opt/lr": run.scheduler.get_last_lr()[0], "opt/epoch_time_s": train_time,
                        "opt/images_per_s": plan.batches_in(epoch) * run.settings.batch_size / train_time}
             summary.update(epochs_completed=epoch + 1, steps_completed=step)
@@ -143,30 +180,28 @@ def fit(run: Run, summary: dict[str, Any]) -> None:
                 with clock("eval"):
                     summary.update(generalization(run.model, run.data, run.autocast_dtype))
                 metrics.update({tag: summary[key] for key, tag in HPARAM_METRICS.items() if key in summary})
-                best_train_acc = max(best_train_acc, summary["train_acc"])
-                summary["at_chance"] = at_chance(best_train_acc, run.data.majority_fraction)
+                progress.best_train_acc = max(progress.best_train_acc, summary["train_acc"])
+                summary["at_chance"] = at_chance(progress.best_train_acc, run.data.majority_fraction)
                 if plan.target_met(summary["train_acc"], summary["train_loss"]):
                     summary.update(target_reached=True, target_epoch=epoch + 1, target_step=step)
                     ending = True
             if diverged:
                 summary.update(status="diverged", error=f"non-finite training loss in epoch {epoch + 1} "
                                                         f"(steps {step - plan.batches_in(epoch) + 1}-{step})")
-            elif ending or plan.checkpoints_after(epoch):  # never overwrite the last finite weights
-                with clock("checkpoint"):
-                    checkpoint.save_atomic(_checkpoint_state(run, epoch, step),
-                                           logbook.run_dir / "checkpoints" / "last.pt")
-            summary.update(clock.times())
-            logbook.write_summary(summary)  # the epoch is safe on disk before the (possibly long) measurement
             every = run.settings.sharpness.every
             if run.measures and not diverged and (ending or (every and (epoch + 1) % every == 0)):
+                save_checkpoint(run, progress, summary)  # the epoch is safe before the (possibly long) measurement
                 with clock("sharpness"):
                     record = measure(run.model, run.data.sharpness, run.measures, run.settings, epoch=epoch + 1,
                                      step=step, source="sam-run")
                 add_measurement(summary, record)
                 metrics.update({f"sharpness/{name}": value for name, value in record["values"].items()})
-                summary.update(clock.times())
-                logbook.write_summary(summary)
-            logbook.log_epoch(epoch + 1, step, metrics)
+            progress.metrics_offset, progress.logged_step = logbook.log_epoch(epoch + 1, step, metrics), step
+            progress.next_epoch(clock.total("train"), ended=ending)
+            if not diverged and (ending or plan.checkpoints_after(epoch)):  # never overwrite the last finite weights
+                save_checkpoint(run, progress, summary)
+            summary.update(clock.times())
+            logbook.write_summary(summary)
             _log_epoch(epoch, plan, summary, metrics, evaluated="test/acc" in metrics)
             if diverged:
                 log.warning("diverged: %s", summary["error"])
@@ -174,23 +209,41 @@ def fit(run: Run, summary: dict[str, Any]) -> None:
                 break
 
 
-def train_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """One pass over the shuffled, augmented training set (or the plan's share of it in the last epoch of a
-    step budget). Returns the statistics seen while training."""
+def train_epoch(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[str, float]:
+    """Train epoch `progress.epoch` from batch `progress.batch` on (a continued run skips what it trained): the
+    shuffled, augmented training set, or the plan's share of it in the last epoch of a step budget.
+
+    Between steps it writes the checkpoints due every `checkpoint.every_steps`, and honours a stop request
+    (SIGTERM, SIGUSR1, Ctrl-C) with a checkpoint and `RunStopped`. Returns the statistics seen while training.
+    """
     run.model.train()
-    totals = _StepTotals()
-    batches = islice(run.data.train.epoch(epoch), run.plan.batches_in(epoch))
-    bar = tqdm(batches, total=run.plan.batches_in(epoch), desc=f"epoch {epoch + 1}", disable=not SHOW_PROGRESS,
-               leave=False)
-    for index, (inputs, targets) in enumerate(bar):
+    total = run.plan.batches_in(progress.epoch)
+    batches = islice(run.data.train.epoch(progress.epoch, start_batch=progress.batch), total - progress.batch)
+    bar = tqdm(batches, initial=progress.batch, total=total, desc=f"epoch {progress.epoch + 1}",
+               disable=not SHOW_PROGRESS, leave=False)
+    every_steps = run.settings.checkpoint.every_steps
+    for inputs, targets in bar:
         result = train_step(run.model, inputs, targets, run.optimizer, run.criterion,
                             autocast_dtype=run.autocast_dtype, scaler=run.scaler,
                             max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size)
         run.scheduler.step()
-        totals.add(result, targets.shape[0])
-        if SHOW_PROGRESS and (index + 1) % run.settings.progress_every == 0:
+        progress.totals.add(result, targets.shape[0])
+        progress.batch, progress.step = progress.batch + 1, progress.step + 1
+        if SHOW_PROGRESS and progress.batch % run.settings.progress_every == 0:
             bar.set_postfix(loss=f"{result.loss.item():.4f}")  # host sync, once every progress_every steps
-    return totals.means()
+        if run.stop.requested:
+            save_checkpoint(run, progress, summary)
+            raise run.stop.stopped(progress.step)
+        if every_steps and progress.step % every_steps == 0 and progress.batch < total:
+            save_checkpoint(run, progress, summary)
+    return progress.totals.means()
+
+
+def save_checkpoint(run: Run, progress: Progress, summary: dict[str, Any]) -> None:
+    """checkpoints/last.pt, replaced atomically: the run as it stands, to be continued exactly (resume.py)."""
+    with run.clock("checkpoint"):
+        checkpoint.save_atomic(resume.checkpoint_state(run, progress, summary),
+                               run.logbook.run_dir / resume.CHECKPOINT)
 
 
 def _log_epoch(epoch: int, plan: RunPlan, summary: dict[str, Any], metrics: dict[str, float], evaluated: bool
@@ -204,39 +257,6 @@ def _log_epoch(epoch: int, plan: RunPlan, summary: dict[str, Any], metrics: dict
     log.info("epoch %3d/%d | train loss %.4f acc %.4f | test loss %.4f acc %.4f | gap %+.4f | lr %.3g | %s%s",
              epoch + 1, plan.epochs, summary["train_loss"], summary["train_acc"], summary["test_loss"],
              summary["test_acc"], summary["gap_acc"], metrics["opt/lr"], speed, reached)
-
-
-class _StepTotals:
-    """Sums of per-step statistics, kept on the device until the epoch ends (one host sync per epoch)."""
-
-    NAMES = ("loss", "correct", "grad_norm", "perturbed_loss", "perturbed_correct", "perturbation_norm", "skipped")
-    PER_SAMPLE = ("loss", "perturbed_loss")  # batch means: weighted by batch size; the others are summed as they are
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.samples = 0
-        self.steps = 0
-
-    def add(self, result: StepResult, batch_size: int) -> None:
-        for name in self.NAMES:
-            value = getattr(result, name)
-            if value is not None:
-                contribution = value.detach().float() * (batch_size if name in self.PER_SAMPLE else 1)
-                self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
-        self.samples += batch_size
-        self.steps += 1
-
-    def means(self) -> dict[str, float]:
-        sums = {name: float(value) for name, value in self.sums.items()}  # the epoch's one host sync
-        metrics = {"train/loss_seen": sums["loss"] / self.samples, "train/acc_seen": sums["correct"] / self.samples,
-                   "opt/grad_norm": sums["grad_norm"] / self.steps}
-        if "perturbed_loss" in sums:
-            metrics.update({"train/loss_perturbed": sums["perturbed_loss"] / self.samples,
-                            "train/acc_perturbed": sums["perturbed_correct"] / self.samples,
-                            "opt/perturbation_norm": sums["perturbation_norm"] / self.steps})
-        if "skipped" in sums:  # fp16: steps the GradScaler skipped for non-finite gradients
-            metrics["opt/skipped_steps"] = sums["skipped"]
-        return metrics
 
 
 def generalization(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None) -> dict[str, float]:
@@ -359,14 +379,3 @@ def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str) -> d
     checkpoint.write_json_atomic(summary, run_dir / "summary.json")
     log.info("skipped: %s", summary["error"])
     return summary
-
-
-def _checkpoint_state(run: Run, epoch: int, step: int) -> dict[str, Any]:
-    """Everything an exact resume needs. The data order is not stored: it is a function of (seed, epoch)."""
-    return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "epoch": epoch + 1, "step": step, "seed": run.settings.seed,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }

@@ -1,0 +1,89 @@
+"""Where a run stands, in a form a checkpoint can hold: the epoch and batch it is at, the statistics of the
+epoch so far, and how much of its records are written. Restoring a `Progress` continues a run exactly."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from sam_runner.steps import StepResult
+
+
+class StepTotals:
+    """Sums of per-step statistics, kept on the device until the epoch ends (one host sync per epoch)."""
+
+    NAMES = ("loss", "correct", "grad_norm", "perturbed_loss", "perturbed_correct", "perturbation_norm", "skipped")
+    PER_SAMPLE = ("loss", "perturbed_loss")  # batch means: weighted by batch size; the others are summed as they are
+
+    def __init__(self, sums: dict[str, torch.Tensor] | None = None, samples: int = 0, steps: int = 0) -> None:
+        self.sums: dict[str, torch.Tensor] = dict(sums or {})
+        self.samples = samples
+        self.steps = steps
+
+    def add(self, result: StepResult, batch_size: int) -> None:
+        for name in self.NAMES:
+            value = getattr(result, name)
+            if value is not None:
+                contribution = value.detach().float() * (batch_size if name in self.PER_SAMPLE else 1)
+                self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
+        self.samples += batch_size
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        sums = {name: float(value) for name, value in self.sums.items()}  # the epoch's one host sync
+        metrics = {"train/loss_seen": sums["loss"] / self.samples, "train/acc_seen": sums["correct"] / self.samples,
+                   "opt/grad_norm": sums["grad_norm"] / self.steps}
+        if "perturbed_loss" in sums:
+            metrics.update({"train/loss_perturbed": sums["perturbed_loss"] / self.samples,
+                            "train/acc_perturbed": sums["perturbed_correct"] / self.samples,
+                            "opt/perturbation_norm": sums["perturbation_norm"] / self.steps})
+        if "skipped" in sums:  # fp16: steps the GradScaler skipped for non-finite gradients
+            metrics["opt/skipped_steps"] = sums["skipped"]
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": {name: value.cpu() for name, value in self.sums.items()}, "samples": self.samples,
+                "steps": self.steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> StepTotals:
+        return cls({name: value.to(device) for name, value in state["sums"].items()}, state["samples"],
+                   state["steps"])
+
+
+@dataclass
+class Progress:
+    """A run's position and what has been written of it.
+
+    `batch` counts the batches of `epoch` already trained: a checkpoint taken mid-epoch (every N steps, or when
+    a pre-emption signal arrives) continues from the next batch, with the epoch's statistics so far in `totals`.
+    `metrics_offset` and `logged_step` say how far metrics.jsonl and TensorBoard were written, so a resumed run
+    cuts away what its killed predecessor wrote after the checkpoint and logs every epoch exactly once.
+    """
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    batch: int = 0  # batches of `epoch` already trained
+    step: int = 0  # optimizer steps taken since the start of the run
+    best_train_acc: float = -math.inf  # best eval-mode training accuracy so far (for at_chance)
+    epoch_train_start_s: float = 0.0  # the train clock when `epoch` began (its time survives a resume)
+    metrics_offset: int = 0  # bytes of metrics.jsonl that belong to epochs already logged
+    logged_step: int = 0  # step of the last logged epoch (0: none yet)
+    ended: bool = False  # the last epoch (or the one that met the target) is done and logged
+    totals: StepTotals = field(default_factory=StepTotals)
+
+    def state_dict(self) -> dict[str, Any]:
+        position = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "totals"}
+        return {**position, "totals": self.totals.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> Progress:
+        position = {key: value for key, value in state.items() if key != "totals"}
+        return cls(**position, totals=StepTotals.from_state(state["totals"], device))
+
+    def next_epoch(self, train_clock_s: float, *, ended: bool) -> None:
+        """Move to the start of the next epoch once this one is logged; `ended`: there is none to train."""
+        self.epoch, self.batch, self.totals, self.epoch_train_start_s = self.epoch + 1, 0, StepTotals(), train_clock_s
+        self.ended = ended

@@ -1,0 +1,168 @@
+"""Exact resume: what a checkpoint holds, how a run continues from it, and what re-running a command does with a
+run directory that already holds a run (continue it, leave a finished one alone, or refuse a different config).
+
+A checkpoint holds the model, optimizer, schedule, scaler, every random generator, the run's `Progress`
+(epoch, batch within it, the epoch's statistics so far, how much of the records are written), its summary and
+its clock. With the data order a function of (seed, epoch), a continued run is bitwise the run that was never
+stopped (on the CPU; cuDNN's kernel choice can differ between processes on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from sam_runner import checkpoint, rundir
+from sam_runner.errors import CheckpointError, ConfigError
+from sam_runner.logbook import read_summary
+from sam_runner.progress import Progress
+
+if TYPE_CHECKING:
+    from sam_runner.train import Run
+
+log = logging.getLogger("sam_runner")
+
+# Keys that may differ between a run and its continuation: they change neither the numbers nor the run's meaning.
+IGNORED_ON_RESUME = ("resume", "progress_every", "data_dir")
+ENDED = ("completed", "diverged")  # a re-run leaves these as they are
+CHECKPOINT = Path(rundir.CHECKPOINT_DIR) / "last.pt"
+SHOWN_DIFFERENCES = 6
+
+
+@dataclass
+class Prior:
+    """What a run directory holds for this invocation: nothing to continue, a checkpoint, or a finished run."""
+
+    checkpoint: dict[str, Any] | None = None  # continue from this state
+    summary: dict[str, Any] | None = None  # the run has ended already: this is its summary
+
+    @property
+    def ended(self) -> bool:
+        return self.summary is not None
+
+
+def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool, device: torch.device) -> Prior:
+    """Decide what to do with `run_dir`'s earlier records, before anything is written there.
+
+    resume=false removes them (asked for, so said in the log). Otherwise the earlier run must have the same
+    config (else a `ConfigError` names the differing keys); an ended run is left alone, a checkpoint is
+    continued from, and records without a checkpoint (a run killed before its first one) are started over.
+    """
+    if not rundir.has_records(run_dir):
+        return Prior()
+    if not resume:
+        log.warning("resume=false: removing the earlier run's records in %s and starting over", run_dir)
+        rundir.start_over(run_dir)
+        return Prior()
+    refuse_another_config(run_dir, config)
+    summary = read_summary(run_dir) or {}
+    if summary.get("status") in ENDED:
+        return Prior(summary=summary)
+    if not (run_dir / CHECKPOINT).is_file():
+        log.warning("%s holds no checkpoint to continue from (the earlier run stopped before its first): "
+                    "starting over", run_dir)
+        rundir.start_over(run_dir)
+        return Prior()
+    state = checkpoint.load(run_dir / CHECKPOINT, map_location=device)
+    if "progress" not in state:
+        raise CheckpointError(f"{run_dir / CHECKPOINT} was written by an older sam-runner and cannot be continued "
+                              f"exactly: add resume=false to start over")
+    return Prior(checkpoint=state)
+
+
+def check_before_launch(run_dir: Path, config: dict[str, Any], *, resume: bool) -> None:
+    """What `inspect` refuses, checked before Hydra writes its .hydra/ files into the directory of a single run:
+    a directory another run holds, or one that holds a run with another config."""
+    if not rundir.has_records(run_dir):
+        return
+    rundir.refuse_if_held(run_dir)
+    if resume:
+        refuse_another_config(run_dir, config)
+
+
+def refuse_another_config(run_dir: Path, config: dict[str, Any]) -> None:
+    differences = config_differences(_earlier_config(run_dir), config)
+    if differences:
+        shown = "; ".join(differences[:SHOWN_DIFFERENCES])
+        more = f" and {len(differences) - SHOWN_DIFFERENCES} more" if len(differences) > SHOWN_DIFFERENCES else ""
+        raise ConfigError(f"{run_dir} holds a run with another config ({shown}{more}): choose another "
+                          f"hydra.run.dir, or add resume=false to start over there")
+
+
+def _earlier_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((run_dir / "run.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{run_dir} holds an earlier run but no readable run.json to tell its config: "
+                              f"add resume=false to start over, or choose another hydra.run.dir")
+    return config
+
+
+def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME."""
+    flat_earlier, flat_now = _flatten(earlier), _flatten(now)
+    keys = sorted(set(flat_earlier) | set(flat_now))
+    return [f"{key}: {flat_earlier.get(key, '(absent)')} -> {flat_now.get(key, '(absent)')}" for key in keys
+            if key not in IGNORED_ON_RESUME and flat_earlier.get(key, _ABSENT) != flat_now.get(key, _ABSENT)]
+
+
+_ABSENT = object()
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {key: value for name, child in node.items() for key, value in _flatten(child, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def checkpoint_state(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[str, Any]:
+    """Everything an exact continuation needs (the data order is not stored: it is a function of (seed, epoch))."""
+    trained = progress.epoch + (0 < progress.batch >= run.plan.batches_in(progress.epoch))  # epochs fully trained
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "epoch": trained, "step": progress.step, "seed": run.settings.seed,
+        "rng": _rng_states(), "progress": progress.state_dict(), "summary": summary, "clock": run.clock.state(),
+    }
+
+
+def restore(run: Run, state: dict[str, Any]) -> Progress:
+    """Load a checkpoint's weights, optimizer, schedule and random generators into `run`; return its progress."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state["scaler"] is not None:
+            run.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"the checkpoint does not match this run ({str(error).splitlines()[0]}): add "
+                              f"resume=false to start over") from None
+    _set_rng_states(state["rng"])
+    return Progress.from_state(state["progress"], next(run.model.parameters()).device)
+
+
+def _rng_states() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "cached_gaussian": cached},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
