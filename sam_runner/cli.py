@@ -37,6 +37,7 @@ EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
 PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
+SWEEP_DIR_ENV = "SAM_RUNNER_SWEEP_DIR"  # where the sweep running in this process writes, for its table on a stop
 
 
 def _config_dir() -> str:
@@ -196,6 +197,8 @@ def _hydra_job(cfg: DictConfig) -> float | None:
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    if in_sweep:
+        os.environ[SWEEP_DIR_ENV] = str(hydra_config.sweep.dir)
     try:
         summary = train.run_experiment(cfg, Path(hydra_config.runtime.output_dir),
                                        choices=dict(hydra_config.runtime.choices),
@@ -226,13 +229,13 @@ def main() -> None:
         os.environ[PLAIN_RHO_ENV] = first_rho
     try:
         _hydra_job()
-    except RunStopped as stopped:
-        print(f"sam-run: {stopped.status}: {stopped}", file=sys.stderr)
-        sys.exit(stopped.exit_code)
-    except KeyboardInterrupt:
-        print("sam-run: interrupted; the run's summary.json says so, and re-running the same command continues "
-              "from its last checkpoint", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    except (RunStopped, KeyboardInterrupt) as stopped:
+        if os.environ.get(SWEEP_DIR_ENV):  # a stop ends the whole sweep: show where every job got to
+            SweepTable.show(Path(os.environ[SWEEP_DIR_ENV]))
+        if isinstance(stopped, RunStopped):
+            _fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
+        _fail("interrupted; the run's summary.json says so, and re-running the same command continues from its "
+              "last checkpoint", code=EXIT_INTERRUPTED)
     if args.multirun and SweepTable.unfinished:
         sys.exit(EXIT_NOT_COMPLETED)
 

@@ -342,7 +342,11 @@ class SweepTable(Callback):
     unfinished = 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        SweepTable.show(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def show(sweep_dir: Path) -> None:
+        """Print the table of the runs under `sweep_dir` (also when a stop request ends a sweep early)."""
         runs = collect(sweep_dir) if sweep_dir.is_dir() else []
         SweepTable.unfinished = sum(1 for run in runs if run.status not in FINISHED)
         if runs:

@@ -35,11 +35,11 @@ def start(workdir: Path, run_dir: str, *overrides: str) -> subprocess.Popen[str]
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def started(workdir: Path, run_dir: str) -> subprocess.Popen[str]:
+def started(workdir: Path, run_dir: str, *overrides: str) -> subprocess.Popen[str]:
     """`sam-run` on RESUMABLE, once it has written a checkpoint of its own (or ended)."""
     checkpoint = workdir / run_dir / "checkpoints" / "last.pt"
     before = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-    process = start(workdir, run_dir)
+    process = start(workdir, run_dir, *overrides)
     deadline = time.monotonic() + 120
     while process.poll() is None and (checkpoint.stat().st_mtime_ns if checkpoint.exists() else None) == before:
         assert time.monotonic() < deadline, "the run never wrote a checkpoint"
@@ -89,21 +89,37 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir / "ref"
 
 
+def checkpointed_step(path: Path) -> tuple[int, int, int]:
+    """(step, epoch, batch) of the checkpoint at `path` ((-1, -1, -1) while there is none)."""
+    try:
+        progress = torch.load(path, weights_only=True)["progress"]
+    except (OSError, RuntimeError, EOFError):
+        return -1, -1, -1
+    return progress["step"], progress["epoch"], progress["batch"]
+
+
 def test_a_run_killed_at_random_moments_resumes_bitwise_equal(workdir: Path, reference: Path) -> None:
-    wall = read_json(reference / "summary.json")["wall_time_s"]
-    moments = random.Random(9).sample(range(5, 35), 3)  # percent of the reference run's duration
+    """Two kills at random points of training (each a random few milliseconds after a checkpoint at a random
+    step), then one right after the checkpoint that precedes the final measurement; then the same command."""
+    draw = random.Random(9)
+    targets = sorted(draw.sample(range(1, 90), 2)) + [96]  # steps (3 epochs x 32); 96: the end of training
+    checkpoint = workdir / "run" / "checkpoints" / "last.pt"
     attempts = []
-    for percent in moments:
-        process = started(workdir, "run")
-        time.sleep(wall * percent / 100)
+    for target in targets:
+        process = start(workdir, "run")
+        deadline = time.monotonic() + 120
+        while process.poll() is None and checkpointed_step(checkpoint)[0] < target:
+            assert time.monotonic() < deadline, f"the run never reached step {target}"
+            time.sleep(0.005)
+        time.sleep(draw.uniform(0, 0.05))
         process.kill()
-        attempts.append(process.wait())
+        attempts.append((target, process.wait(), checkpointed_step(checkpoint)))
     final = run_cli("sam-run", *RESUMABLE, "hydra.run.dir=run", cwd=workdir)
     assert final.returncode == 0, final.stderr
     assert_same_run(workdir / "run", reference)
-    assert attempts.count(-signal.SIGKILL) >= 2, f"most kills should land before the run ends: {attempts}"
+    assert [code for _, code, _ in attempts[:2]] == [-signal.SIGKILL] * 2, attempts
     assert not list((workdir / "run").rglob("*.tmp")), "half-written files of a killed run are cleaned up"
-    assert len(read_json(workdir / "run" / "run.json")["resumes"]) >= 1
+    assert len(read_json(workdir / "run" / "run.json")["resumes"]) >= 2
 
 
 @pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
@@ -114,11 +130,13 @@ def test_a_stop_signal_checkpoints_at_a_step_and_the_rerun_continues_exactly(
     process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
-    assert f"sam-run: {status}: stopped by {stop_signal.name}" in stderr and "Traceback" not in stderr
+    assert f"sam-run: error: {status}: stopped by {stop_signal.name}" in stderr and "Traceback" not in stderr
     summary = read_json(workdir / "run" / "summary.json")
     assert summary["status"] == status and "re-run the same command" in summary["error"]
-    state = torch.load(workdir / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["progress"]["step"] == int(summary["error"].split("after step ")[1].split(";")[0])
+    stopped_at = int(summary["error"].split("after step ")[1].split(";")[0])
+    assert checkpointed_step(workdir / "run" / "checkpoints" / "last.pt")[0] == stopped_at
+    if stop_signal == signal.SIGINT:
+        return  # the continuation is the same code path as SIGTERM's
     resumed = run_cli("sam-run", *RESUMABLE, "hydra.run.dir=run", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "continuing" in resumed.stdout
@@ -146,14 +164,17 @@ def test_a_rerun_leaves_a_finished_run_refuses_another_config_and_starts_over_on
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused_and_the_first_is_untouched(workdir: Path) -> None:
-    first = started(workdir, "run")
-    second = run_cli("sam-run", *RESUMABLE, "hydra.run.dir=run", cwd=workdir)
+    first = started(workdir, "run", "epochs=50")  # still training when the second one starts
+    second = run_cli("sam-run", *RESUMABLE, "epochs=50", "hydra.run.dir=run", cwd=workdir)
+    assert first.poll() is None, "the first run must still be running for this test to mean anything"
     assert second.returncode == 2
     assert "is in use by another sam-run (pid" in second.stderr
-    _, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr
-    assert read_json(workdir / "run" / "summary.json")["status"] == "completed"
-    assert [line["epoch"] for line in metric_lines(workdir / "run")] == [1, 2, 3]
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 75, stderr
+    assert read_json(workdir / "run" / "summary.json")["status"] == "preempted"
+    assert "resumes" not in read_json(workdir / "run" / "run.json")
+    assert len(list((workdir / "run").glob("events.out.tfevents.*"))) == 1
 
 
 def test_two_runs_started_at_once_get_their_own_default_directories(workdir: Path) -> None:
@@ -262,3 +283,58 @@ def test_the_stopwatch_counts_a_nested_phase_once_and_carries_over_a_resume(monk
         spend(16)
         assert resumed.total("train") == 21, "the running stretch counts"
     assert resumed.times() == {"train_time_s": 21, "checkpoint_time_s": 2, "wall_time_s": 31}
+
+
+def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_measures_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: the measurement is where the end of a run spends its time, so a kill lands there often."""
+    from hydra import compose, initialize_config_dir
+
+    from sam_runner import train
+    from sam_runner.cli import CONFIG_DIR
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=TINY)
+    train.run_experiment(cfg, tmp_path / "reference")
+    measure = train.measure
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit(137)  # as `kill -9` mid-measurement: nothing of the run's own handling runs
+
+    monkeypatch.setattr(train, "measure", killed)
+    with pytest.raises(SystemExit):
+        train.run_experiment(cfg, tmp_path / "run")
+    assert read_json(tmp_path / "run" / "summary.json")["status"] != "completed"
+    assert [line["epoch"] for line in metric_lines(tmp_path / "run")] == [1], "the measured epoch is not logged yet"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["progress"]["epoch"], state["progress"]["batch"], state["epoch"]) == (1, 4, 2)
+    monkeypatch.setattr(train, "measure", measure)
+    train.run_experiment(cfg, tmp_path / "run")
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
+def test_a_preempted_sweep_prints_its_table_and_the_same_command_finishes_it(workdir: Path) -> None:
+    """What a cluster's requeue does: the sweep is stopped (exit 75), then its command runs again."""
+    command = [str(BIN / "sam-run"), "-m", *RESUMABLE, "dataset.source.num_train=512", "epochs=2", "seed=0,1",
+               "hydra.sweep.dir=sweep"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sweep = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(workdir.glob("sweep/0_*/checkpoints/last.pt")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the first job never wrote a checkpoint"
+        time.sleep(0.01)
+    first_job = next(workdir.glob("sweep/0_*"))
+    sweep.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 75, stderr
+    assert "preempted" in stdout.split("sweep ")[-1], "the table lists the stopped job"
+    assert read_json(first_job / "summary.json")["status"] == "preempted"
+    again = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "continuing" in again.stdout
+    jobs = sorted(workdir.glob("sweep/[01]_*"))
+    assert len(jobs) == 2
+    for job in jobs:
+        assert read_json(job / "summary.json")["status"] == "completed"
+        assert [line["epoch"] for line in metric_lines(job)] == [1, 2]
