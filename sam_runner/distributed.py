@@ -46,19 +46,20 @@ class World:
 
 
 @contextmanager
-def process_group(device: torch.device, env: Mapping[str, str] = os.environ) -> Iterator[World]:
-    """Join the process group torchrun describes in `env` for the body and leave it afterwards, whatever raised.
+def process_group(device: torch.device) -> Iterator[World]:
+    """Join the process group torchrun describes in the environment for the body, and leave it afterwards
+    whatever raised.
 
     nccl on CUDA (each rank on GPU LOCAL_RANK of its node), gloo on CPU. Not under torchrun (no WORLD_SIZE), or
     with a single process, it yields the single-process World on `device` and starts nothing.
     """
-    world = _world_from_env(device, env)
+    world = _world_from_env(device, os.environ)
     if not world.is_distributed:
         yield world
         return
     backend = "nccl" if world.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
-                            rank=world.rank, world_size=world.world_size,
+    # env:// as torchrun intends: under its elastic agent every rank is a client of the agent's store
+    dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.world_size,
                             device_id=world.device if backend == "nccl" else None)
     try:
         yield world

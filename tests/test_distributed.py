@@ -86,9 +86,9 @@ def _evaluation_sums(world: World) -> torch.Tensor:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    env = {"RANK": str(rank), "WORLD_SIZE": str(WORLD_SIZE), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    with distributed.process_group(torch.device("cpu"), env) as world:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # what torchrun sets for each worker
+    with distributed.process_group(torch.device("cpu")) as world:
         results = {
             "world": (world.rank, world.world_size, world.is_main),
             "global": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5),
@@ -260,8 +260,16 @@ def test_an_empty_shard_is_refused():
 # ---------------------------------------------------------------------------------------------------------
 # One process: nothing changes.
 
-def test_single_process_world_changes_nothing():
-    with distributed.process_group(torch.device("cpu"), env={}) as world:
+def _torchrun_env(monkeypatch, **env: str) -> None:
+    for name in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_single_process_world_changes_nothing(monkeypatch):
+    _torchrun_env(monkeypatch)
+    with distributed.process_group(torch.device("cpu")) as world:
         assert (world.rank, world.world_size, world.is_main, world.is_distributed) == (0, 1, True, False)
         assert not torch.distributed.is_initialized()
         x, y = _data()
@@ -282,9 +290,9 @@ def test_single_process_world_changes_nothing():
         distributed.check_setup(world, batch_size=1, num_samples=7, sam_mode="global", micro_batch_size=3)
 
 
-def test_torchrun_with_one_process_is_the_single_process_world():
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    with distributed.process_group(torch.device("cpu"), env) as world:
+def test_torchrun_with_one_process_is_the_single_process_world(monkeypatch):
+    _torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    with distributed.process_group(torch.device("cpu")) as world:
         assert world == World()
         assert not torch.distributed.is_initialized()
 
@@ -304,10 +312,12 @@ def test_describe_world_records_mode_and_size():
     ({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "integers"),
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "out of range"),
 ])
-def test_broken_torchrun_environment_is_refused(env, match):
+def test_broken_torchrun_environment_is_refused(monkeypatch, env, match):
+    _torchrun_env(monkeypatch, **env)
     with pytest.raises(ConfigError, match=match):
-        with distributed.process_group(torch.device("cpu"), env):
+        with distributed.process_group(torch.device("cpu")):
             pass
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("options, match", [
@@ -333,3 +343,11 @@ def test_sync_batchnorm_is_refused_with_local_mode():
 
 def test_uneven_shards_are_allowed_without_micro_batches():
     distributed.check_setup(World(world_size=4), batch_size=30, num_samples=70, sam_mode="local")
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    _torchrun_env(monkeypatch, RANK="1", WORLD_SIZE="2", LOCAL_RANK=str(torch.cuda.device_count()),
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    with pytest.raises(ConfigError, match=r"--nproc_per_node <= \d"):
+        with distributed.process_group(torch.device("cuda")):
+            pass
