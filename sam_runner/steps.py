@@ -1,12 +1,13 @@
 """One training step, plain or SAM: BatchNorm statistics, dropout masks, AMP, gradient clipping, m-sharpness.
 
-A step is a function of (model, batch, optimizer) so that DDP can wrap it later. It returns 0-dim device
+A step is a function of (model, batch, optimizer) so that DDP can wrap it (distributed.py passes a loss weight
+and the `no_sync` context through the two keywords made for it). It returns 0-dim device
 tensors and never calls .item(): the trainer reads them once per logging interval. The only host sync is the
 one inside GradScaler.step, which must know whether to skip (fp16 only).
 """
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
     micro_batch_size: int | None = None,
+    loss_weight: float = 1.0,
+    clean_pass: Callable[[], AbstractContextManager] = nullcontext,
 ) -> StepResult:
     """One optimizer step on (inputs, targets); the two-pass SAM step when `optimizer` is a SAM.
 
@@ -50,18 +53,22 @@ def train_step(
     scaler: one GradScaler for the whole step, updated exactly once.
     max_grad_norm: clip the gradient the base optimizer uses (SAM: the second-pass gradient).
     micro_batch_size: SAM's m-sharpness — each chunk of m samples gets its own ε.
+    loss_weight: multiply every loss by this before backward (the reported losses are not): under DDP, a
+        rank's share of an uneven global batch, so that DDP's mean over ranks is the global batch's mean.
+    clean_pass: SAM only — a context entered around each clean forward + backward; DDP's `no_sync` keeps
+        the gradient that ε is taken from on this rank (per-worker ε, m-sharpness across devices).
     """
     if scaler is not None and not scaler.is_enabled():
         scaler = None
     if isinstance(optimizer, SAM):
         return _sam_step(model, inputs, targets, optimizer, criterion, autocast_dtype, scaler, max_grad_norm,
-                         micro_batch_size)
-    if micro_batch_size is not None:
-        raise ValueError("train_step: micro_batch_size (m-sharpness) applies to SAM only; got a "
+                         micro_batch_size, loss_weight, clean_pass)
+    if micro_batch_size is not None or clean_pass is not nullcontext:
+        raise ValueError("train_step: micro_batch_size (m-sharpness) and clean_pass apply to SAM only; got a "
                          f"{type(optimizer).__name__}")
     optimizer.zero_grad(set_to_none=True)
     loss, correct = _forward(model, inputs, targets, criterion, autocast_dtype)
-    _backward(loss, scaler)
+    _backward(loss, scaler, weight=loss_weight)
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = _norm_and_clip(optimizer, max_grad_norm)
@@ -83,6 +90,8 @@ def _sam_step(
     scaler: torch.amp.GradScaler | None,
     max_grad_norm: float | None,
     micro_batch_size: int | None,
+    loss_weight: float,
+    clean_pass: Callable[[], AbstractContextManager],
 ) -> StepResult:
     """Per chunk: clean pass → ε → perturbed pass at w + ε → restore w; then one base step with the
     chunk-size-weighted mean of the perturbed gradients (plain SAM is one chunk, the whole batch)."""
@@ -101,8 +110,9 @@ def _sam_step(
         weight = x.shape[0] / n
         optimizer.zero_grad(set_to_none=True)
         rng_state = _rng_state(x.device) if replay_dropout else None
-        loss, correct = _forward(model, x, y, criterion, autocast_dtype)
-        _backward(loss, scaler)
+        with clean_pass():  # forward too: DDP decides at forward time whether this backward all-reduces
+            loss, correct = _forward(model, x, y, criterion, autocast_dtype)
+            _backward(loss, scaler, weight=loss_weight)
         if inv_scale is not None:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
         optimizer.first_step(zero_grad=True)
@@ -116,7 +126,7 @@ def _sam_step(
             _set_rng_state(x.device, rng_state)
         with frozen_batchnorm_stats(model):  # around backward too: autograd checks the buffers' versions
             perturbed_loss, perturbed_correct = _forward(model, x, y, criterion, autocast_dtype)
-            _backward(perturbed_loss, scaler, gate)
+            _backward(perturbed_loss, scaler, gate, loss_weight)
         optimizer.restore()  # after backward: autograd still needed the perturbed weights
         if len(chunks) > 1:
             _accumulate(accumulated, params, weight)
@@ -197,11 +207,14 @@ def _forward(
     return loss, (logits.detach().argmax(dim=-1) == y).sum()
 
 
-def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None, gate: Tensor | None = None) -> None:
+def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None, gate: Tensor | None = None,
+              weight: float = 1.0) -> None:
     if scaler is not None:
         loss = scaler.scale(loss)
     if gate is not None:
         loss = loss * gate
+    if weight != 1.0:  # skipped at 1 so that a single-process step stays bit for bit what it was
+        loss = loss * weight
     loss.backward()
 
 

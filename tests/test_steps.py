@@ -1,5 +1,6 @@
 """train_step against hand computations: SAM update, m-sharpness, clipping, BatchNorm statistics, AMP."""
 
+import contextlib
 import copy
 import math
 
@@ -112,10 +113,23 @@ def test_m_sharpness_matches_explicit_per_chunk_computation():
     assert result.perturbation_norm.item() == pytest.approx(sum(eps_norms) / 3, rel=1e-12)
 
 
-def test_micro_batch_size_without_sam_is_an_error():
+@pytest.mark.parametrize("option", [dict(micro_batch_size=2), dict(clean_pass=lambda: contextlib.nullcontext())])
+def test_sam_only_options_without_sam_are_an_error(option):
     model, x, y = _linear_problem()
     with pytest.raises(ValueError, match="SAM only"):
-        train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, micro_batch_size=2)
+        train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, **option)
+
+
+def test_loss_weight_scales_the_update_but_neither_epsilon_nor_the_reported_loss():
+    """What DDP needs for uneven shards: ε is invariant to the weight, the base step sees weight · g'."""
+    model, x, y = _linear_problem()
+    ws = _weights(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    result = train_step(model, x, y, opt, F.cross_entropy, loss_weight=0.75)
+    g_pert, _ = _perturbed_grads(ws, x, y)
+    for p, w, g in zip(model.parameters(), ws, g_pert):
+        torch.testing.assert_close(p.detach(), w - LR * 0.75 * g, rtol=1e-12, atol=1e-14)
+    assert result.loss.item() == pytest.approx(_ce(ws, x, y), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
