@@ -73,18 +73,19 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
             log.info("%s has %s already: not trained again (add resume=false to train it from scratch)", run_dir,
                      prior.summary["status"])
             return prior.summary
-        return _train(cfg, settings, precision, device, hparams, run_dir, prior.checkpoint, stop)
+        return _train(cfg, config, settings, precision, device, hparams, run_dir, prior.checkpoint, stop)
 
 
-def _train(cfg: DictConfig, settings: DictConfig, precision: str, device: torch.device, hparams: dict[str, Any],
-           run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests) -> dict[str, Any]:
-    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended."""
+def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precision: str, device: torch.device,
+           hparams: dict[str, Any], run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests
+           ) -> dict[str, Any]:
+    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended. `config`
+    is `cfg` resolved, as run.json records it."""
     clock = Stopwatch(state["clock"] if state else None)
     progress = Progress.from_state(state["progress"], device) if state else Progress()
     logbook = Logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
                       purge_step=progress.logged_step + 1 if state else None)
-    logbook.write_run_info(sys.argv, OmegaConf.to_container(cfg, resolve=True), device,
-                           resumed_at_step=progress.step if state else None)
+    logbook.write_run_info(sys.argv, config, device, resumed_at_step=progress.step if state else None)
     summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
     summary.pop("error", None)
     logbook.write_summary(summary)
