@@ -6,6 +6,7 @@ User plug-ins arrive here as `_target_`s: errors locating or calling them become
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -24,6 +25,7 @@ from sam_runner.steps import frozen_batchnorm_stats
 if TYPE_CHECKING:
     from sam_runner.logbook import Stopwatch
 
+log = logging.getLogger("sam_runner")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -143,13 +145,19 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     autocast and batch size; SAM's clean and perturbed passes share one (steps.py restores BatchNorm buffers
     by value, which no guard sees), so a run compiles once per (mode, batch-size class) and never again.
     """
+    from torch._dynamo.exc import BackendCompilerFailed  # loaded by the compile anyway
+
     model.compile(backend=backend)
+    log.info("compile=true: compiling the model's graphs before the first step (minutes on a CPU)")
     with clock("compile"), torch.random.fork_rng(devices=_cuda_devices(model)):  # dropout draws stay the run's
         try:
             _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None)
-        except Exception as error:  # whatever the backend raises (no C++ compiler, an op it cannot trace)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"compile=true: torch.compile failed ({reason}); set compile=false") from None
+        except BackendCompilerFailed as error:  # e.g. Inductor on a CPU without a C++ compiler
+            inner = error.inner_exception
+            reason = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0] if str(inner).strip() else ''}"
+            raise ConfigError(f"compile=true: the torch.compile backend failed ({reason.rstrip(': ')}); "
+                              f"set compile=false") from None
+    log.info("compiled in %.1fs (summary.json: compile_time_s)", clock.seconds["compile"])
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

@@ -329,12 +329,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (compile time apart)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights (tensor-core convolutions)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); on a shared machine 1 "
+                        "keeps idle-spinning threads from slowing every operation several-fold")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (known: H100 SXM, H200)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run's config")
     args = parser.parse_args(argv)
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     train.SHOW_PROGRESS = False  # no progress bars: their host syncs would depend on whether stderr is a terminal
     with tempfile.TemporaryDirectory(prefix="sam-bench-") as scratch:
         contenders = {name: Contender(name, args, Path(scratch)) for name in OPTIMIZERS}

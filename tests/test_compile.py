@@ -23,6 +23,7 @@ from sam_runner import sharpness
 from sam_runner.build import batch_sizes, build_data, compile_model
 from sam_runner.cli import CONFIG_DIR
 from sam_runner.config import validate
+from sam_runner.errors import ConfigError
 from sam_runner.logbook import Stopwatch
 from sam_runner.optim import SAM
 from sam_runner.steps import train_step
@@ -134,6 +135,18 @@ def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(
     for stream in (data.train_eval, data.val, data.test):
         evaluate(model, stream, None)
     assert counter.graphs == compiled
+
+
+def test_a_failing_compiler_is_one_line_naming_the_way_out() -> None:
+    def broken(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        raise RuntimeError("no working C++ compiler found\nmore detail")
+
+    cfg, _, data = _tiny_run()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, data.num_classes))
+    with pytest.raises(ConfigError) as caught:
+        compile_model(model, data, None, cfg.optimizer.sam, Stopwatch(), backend=broken)
+    assert str(caught.value) == ("compile=true: the torch.compile backend failed (RuntimeError: no working C++ "
+                                 "compiler found); set compile=false")
 
 
 def test_sharpness_of_a_compiled_model_equals_the_eager_one() -> None:
