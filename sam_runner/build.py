@@ -148,15 +148,14 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     from torch._dynamo.exc import BackendCompilerFailed  # loaded by the compile anyway
 
     model.compile(backend=backend)
-    log.info("compile=true: compiling the model's graphs before the first step (minutes on a CPU)")
+    log.info("compile=true: compiling the model's graphs before the first step (seconds to minutes)")
     with clock("compile"), torch.random.fork_rng(devices=_cuda_devices(model)):  # dropout draws stay the run's
         try:
             _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None)
         except BackendCompilerFailed as error:  # e.g. Inductor on a CPU without a C++ compiler
             inner = error.inner_exception
-            reason = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0] if str(inner).strip() else ''}"
-            raise ConfigError(f"compile=true: the torch.compile backend failed ({reason.rstrip(': ')}); "
-                              f"set compile=false") from None
+            reason = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[:1]])
+            raise ConfigError(f"compile=true: the torch.compile backend failed ({reason}); set compile=false") from None
     log.info("compiled in %.1fs (summary.json: compile_time_s)", clock.seconds["compile"])
 
 

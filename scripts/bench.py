@@ -283,7 +283,9 @@ def report(contenders: dict[str, Contender], args: argparse.Namespace, rounds: i
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu (torch threads: {torch.get_num_threads()})"
 
 
 def print_tables(result: dict[str, Any]) -> None:

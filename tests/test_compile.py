@@ -2,8 +2,8 @@
 two passes share one; train/eval never thrash), is warmed up before the first step, and measures sharpness.
 
 On the CPU these use the `aot_eager` backend (Dynamo's tracing and AOTAutograd's functionalization, where SAM's
-in-place weight moves and BatchNorm buffer restores could go wrong, without Inductor's C++ build of ~30 s per
-graph here) or a backend that only counts graphs. Inductor itself runs in the `gpu`-marked test.
+in-place weight moves and BatchNorm buffer restores could go wrong, without Inductor's C++ build: 28 s for the
+MNIST-1D CNN here) or a backend that only counts graphs. The `gpu`-marked variants run Inductor on CUDA.
 """
 
 from __future__ import annotations
@@ -31,14 +31,21 @@ from sam_runner.train import evaluate
 
 
 class GraphCounter:
-    """A torch.compile backend that runs each captured graph as it is and counts how many were captured."""
+    """A torch.compile backend that counts the graphs it is given; it runs each as it is, or through Inductor."""
 
-    def __init__(self) -> None:
-        self.graphs = 0
+    def __init__(self, inductor: bool = False) -> None:
+        self.graphs, self.inductor = 0, inductor
 
     def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
         self.graphs += 1
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(graph, example_inputs)
         return graph.forward
+
+
+ON_CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
 
 def _bn_net(seed: int = 0) -> nn.Module:
@@ -47,9 +54,9 @@ def _bn_net(seed: int = 0) -> nn.Module:
                          nn.Linear(6 * 12, 4))
 
 
-def _batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(n: int = 32, seed: int = 1, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return torch.randn(n, 1, 12, generator=g).to(device), torch.randint(0, 4, (n,), generator=g).to(device)
 
 
 def _sam(model: nn.Module) -> SAM:
@@ -65,23 +72,25 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 8])
-def test_compiled_sam_steps_agree_with_eager_ones(micro_batch_size: int | None) -> None:
-    eager, x, y = _bn_net(), *_batch()
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "aot_eager"), pytest.param("cuda", "inductor",
+                                                                                     marks=pytest.mark.gpu)])
+def test_compiled_sam_steps_agree_with_eager_ones(device: str, backend: str, micro_batch_size: int | None) -> None:
+    eager, (x, y) = _bn_net().to(device), _batch(device=device)
     compiled = copy.deepcopy(eager)
-    compiled.compile(backend="aot_eager")
+    compiled.compile(backend=backend)
     eager_opt, compiled_opt = _sam(eager), _sam(compiled)
     for _ in range(4):
         want = train_step(eager, x, y, eager_opt, F.cross_entropy, micro_batch_size=micro_batch_size)
         got = train_step(compiled, x, y, compiled_opt, F.cross_entropy, micro_batch_size=micro_batch_size)
         for name in ("loss", "perturbed_loss", "grad_norm", "perturbation_norm"):
-            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
     # weights, momenta and BatchNorm statistics (updated by the clean passes only) after four steps
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(compiled_opt.base_optimizer.state[b]["momentum_buffer"],
                                    eager_opt.base_optimizer.state[a]["momentum_buffer"],
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_sam_passes_and_train_eval_switches_compile_each_graph_once() -> None:
@@ -100,28 +109,33 @@ def test_sam_passes_and_train_eval_switches_compile_each_graph_once() -> None:
     assert seen == [2, 2, 2]  # one training graph for both SAM passes, one eval graph; none after the first round
 
 
-def _tiny_run(*overrides: str):
+def _tiny_run(*overrides: str, device: str = "cpu"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*TINY, *overrides])
     settings = validate(cfg)
-    return cfg, settings, build_data(cfg, settings, torch.device("cpu"))
+    return cfg, settings, build_data(cfg, settings, torch.device(device))
 
 
 def test_batch_sizes_of_one_pass() -> None:
     assert batch_sizes(100, 32) == [32, 4] and batch_sizes(96, 32) == [32] and batch_sizes(10, 32) == [10]
 
 
-def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing() -> None:
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(device: str) -> None:
+    """CPU: graphs counted, run as captured. CUDA: through Inductor, in bf16 autocast as sam-run trains there."""
     # 250 training samples in batches of 64 (a partial last batch), m-sharpness chunks of 24, a validation split,
     # and eval batches of 100 over 225 training, 25 validation and 128 test samples: many batch sizes.
     cfg, settings, data = _tiny_run("optimizer=sam", "optimizer.sam.micro_batch_size=24",
-                                    "dataset.source.num_train=250", "dataset.val_fraction=0.1", "eval.batch_size=100")
+                                    "dataset.source.num_train=250", "dataset.val_fraction=0.1", "eval.batch_size=100",
+                                    device=device)
     model = _bn_net()
     model[0], model[-1] = nn.Conv1d(1, 6, 3, padding=1), nn.Linear(6 * 40, data.num_classes)  # the data's shapes
+    model.to(device)
+    autocast_dtype = torch.bfloat16 if device == "cuda" else None
     before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
-    counter, clock = GraphCounter(), Stopwatch()
+    counter, clock = GraphCounter(inductor=device == "cuda"), Stopwatch()
 
-    compile_model(model, data, None, cfg.optimizer.sam, clock, backend=counter)
+    compile_model(model, data, autocast_dtype, cfg.optimizer.sam, clock, backend=counter)
 
     assert clock.times()["compile_time_s"] > 0 and counter.graphs > 0
     for name, value in model.state_dict().items():  # weights and BatchNorm statistics untouched
@@ -131,9 +145,10 @@ def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(
     compiled = counter.graphs
     optimizer = _sam(model)
     for inputs, targets in data.train.epoch(0):  # a whole epoch and every evaluation of the run: nothing new
-        train_step(model, inputs, targets, optimizer, F.cross_entropy, micro_batch_size=24)
+        train_step(model, inputs, targets, optimizer, F.cross_entropy, micro_batch_size=24,
+                   autocast_dtype=autocast_dtype)
     for stream in (data.train_eval, data.val, data.test):
-        evaluate(model, stream, None)
+        evaluate(model, stream, autocast_dtype)
     assert counter.graphs == compiled
 
 
@@ -167,11 +182,8 @@ def test_sharpness_of_a_compiled_model_equals_the_eager_one() -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "sam"])
 def test_compiled_cuda_run_completes_and_records_its_compile_time(workdir: Path, optimizer: str) -> None:
     result = run_cli("sam-run", *TINY, "device=cuda", "compile=true", f"optimizer={optimizer}",
-                     "hydra.run.dir=outputs/compiled", cwd=workdir, extra_env={"TORCH_LOGS": "recompiles"})
+                     "hydra.run.dir=outputs/compiled", cwd=workdir)
     assert result.returncode == 0, result.stderr
     summary = read_json(workdir / "outputs" / "compiled" / "summary.json")
     assert summary["status"] == "completed" and summary["compile_time_s"] > 0
-    assert summary["train_acc"] > 0.5
-    # recompiles are logged while warming up (eval mode, batch sizes), never once training has begun
-    training = result.stderr.split("epoch   1/", 1)[-1]
-    assert "Recompiling" not in training
+    assert summary["train_acc"] > 0.5  # the synthetic classes are easy: a broken compiled step would not learn
