@@ -6,10 +6,12 @@ User plug-ins arrive here as `_target_`s: errors locating or calling them become
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -18,7 +20,12 @@ from torch import nn
 from sam_runner.data import BatchStream, infer_num_classes, materialize
 from sam_runner.errors import ConfigError, DataError
 from sam_runner.optim import SAM
+from sam_runner.steps import frozen_batchnorm_stats
 
+if TYPE_CHECKING:
+    from sam_runner.logbook import Stopwatch
+
+log = logging.getLogger("sam_runner")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -125,6 +132,69 @@ def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model ({node._target_}) returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, sam: DictConfig | None,
+                  clock: Stopwatch, backend: str | Callable[..., Any] = "inductor") -> None:
+    """Compile `model` in place (`nn.Module.compile`: the module, its parameters and state-dict keys stay the
+    same objects, so SAM's parameter groups and checkpoints are unaffected), then compile every graph the run
+    will call before its first step, timed as the clock's `compile` phase (`compile_time_s` in summary.json).
+
+    torch.compile is lazy: without this warm-up the first batches and the first evaluation would pay for
+    compiling, and the first epoch's images/s would count it. Graphs differ by mode (train/eval), grad mode,
+    autocast and batch size; SAM's clean and perturbed passes share one (steps.py restores BatchNorm buffers
+    by value, which no guard sees), so a run compiles once per (mode, batch-size class) and never again.
+    """
+    from torch._dynamo.exc import BackendCompilerFailed  # loaded by the compile anyway
+
+    model.compile(backend=backend)
+    log.info("compile=true: compiling the model's graphs before the first step (seconds to minutes)")
+    with clock("compile"), torch.random.fork_rng(devices=_cuda_devices(model)):  # dropout draws stay the run's
+        try:
+            _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None)
+        except BackendCompilerFailed as error:  # e.g. Inductor on a CPU without a C++ compiler
+            inner = error.inner_exception
+            reason = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[:1]])
+            raise ConfigError(f"compile=true: the torch.compile backend failed ({reason}); set compile=false") from None
+    log.info("compiled in %.1fs (summary.json: compile_time_s)", clock.seconds["compile"])
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
+    """The distinct batch sizes one pass over `num_samples` in batches of `batch_size` yields (last one partial)."""
+    return sorted({min(batch_size, num_samples), num_samples % batch_size} - {0}, reverse=True)
+
+
+def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, micro_batch_size: int | None) -> None:
+    """Call the compiled model once for every graph training and evaluation use; leave weights, gradients and
+    BatchNorm statistics as they were. Sharpness measures run eagerly (sharpness.py), so they need none."""
+    def autocast(device_type: str) -> torch.autocast:  # as the step and evaluation run: autocast state is guarded
+        return torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    inputs, targets = next(iter(data.train.epoch(0)))  # the run's own first batch (its own generator, no RNG use)
+    train_sizes = batch_sizes(data.train.num_samples, data.train.batch_size)
+    if micro_batch_size is not None:  # m-sharpness forwards chunks of m samples
+        train_sizes = sorted({m for size in train_sizes for m in batch_sizes(size, micro_batch_size)}, reverse=True)
+    model.train()
+    with frozen_batchnorm_stats(model):
+        for size in train_sizes:
+            with autocast(inputs.device.type):
+                logits = model(inputs[:size])
+            F.cross_entropy(logits.float(), targets[:size]).backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        for stream in (data.train_eval, data.test, data.val):
+            if stream is None:
+                continue
+            inputs, _ = next(iter(stream.epoch(0)))
+            for size in batch_sizes(stream.num_samples, stream.batch_size):
+                with autocast(inputs.device.type):
+                    model(inputs[:size])
+    model.train()
 
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales

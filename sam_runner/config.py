@@ -86,6 +86,7 @@ class TopLevelSchema:
     seed: int = 0
     device: Device = Device.auto
     precision: Precision = Precision.auto
+    compile: bool = False
     data_dir: str = "data"
     label_smoothing: float = 0.0
     max_grad_norm: Optional[float] = None

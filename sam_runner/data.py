@@ -14,6 +14,7 @@ import os
 import random
 import warnings
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,29 +93,16 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
     """MNIST-1D (Greydanus 2020), generated offline: items (1, 40), 10 classes.
 
     `make_dataset` takes about 1.5 s per 5000 samples, so the tensors are cached in `cache_dir` under a name
-    derived from every generator argument. Its global NumPy / `random` seeding is undone afterwards so that
-    building the data does not change the run's random streams.
+    derived from its arguments and the mnist1d version (`_mnist1d_cache_name`). Its global NumPy / `random`
+    seeding is undone afterwards so that building the data does not change the run's random streams.
     """
     if num_samples < 10 or not 0 < train_split < 1:
         raise DataError(f"mnist1d needs num_samples >= 10 and 0 < train_split < 1 "
                         f"(got {num_samples}, {train_split}): fix dataset.source.num_samples / train_split")
-    from mnist1d.data import get_dataset_args, make_dataset  # imports matplotlib: about a second, so lazily
-    from mnist1d.utils import ObjectView
-
-    args = get_dataset_args(as_dict=True)
-    args.update(num_samples=int(num_samples), train_split=float(train_split), seed=int(seed))
-    generator_args = sorted((key, value) for key, value in args.items() if key != "url")
-    digest = hashlib.sha256(repr(generator_args).encode()).hexdigest()[:12]
-    cache = Path(cache_dir, f"mnist1d_n{num_samples}_split{train_split}_seed{seed}_{digest}.pt") if cache_dir else None
+    cache = Path(cache_dir, _mnist1d_cache_name(num_samples, train_split, seed)) if cache_dir else None
     arrays = _read_cache(cache) if cache is not None and cache.is_file() else None
     if arrays is None:
-        numpy_state, python_state = np.random.get_state(), random.getstate()
-        try:
-            generated = make_dataset(ObjectView(args))
-        finally:
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
-        arrays = {key: torch.as_tensor(generated[key]) for key in _CACHE_KEYS}
+        arrays = _generate_mnist1d(num_samples, train_split, seed)
         if cache is not None:
             replace_atomically(cache, lambda file: torch.save(arrays, file))  # a crash never leaves half a file
     return (TensorPairs(arrays["x"].float().unsqueeze(1), arrays["y"]),
@@ -122,6 +110,28 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
 
 
 _CACHE_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _mnist1d_cache_name(num_samples: int, train_split: float, seed: int) -> str:
+    """The cache file of one generator call: named by its arguments and the mnist1d version, which fixes every
+    other generator default, so a cached run never imports mnist1d (it pulls in matplotlib and scipy: ~1.5 s)."""
+    return f"mnist1d_n{num_samples}_split{train_split}_seed{seed}_v{metadata.version('mnist1d')}.pt"
+
+
+def _generate_mnist1d(num_samples: int, train_split: float, seed: int) -> dict[str, Tensor]:
+    """MNIST-1D's arrays from its own generator, with its global NumPy / `random` seeding undone afterwards."""
+    from mnist1d.data import get_dataset_args, make_dataset  # slow to import (see _mnist1d_cache_name): lazily
+    from mnist1d.utils import ObjectView
+
+    args = get_dataset_args(as_dict=True)
+    args.update(num_samples=int(num_samples), train_split=float(train_split), seed=int(seed))
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        generated = make_dataset(ObjectView(args))
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    return {key: torch.as_tensor(generated[key]) for key in _CACHE_KEYS}
 
 
 def _read_cache(cache: Path) -> dict[str, Tensor] | None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from functools import cached_property
 
@@ -107,10 +108,10 @@ def measure(
     model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout is off
     results: dict[str, float] = {}
     try:
-        if not bool(torch.isfinite(landscape.w).all()) or not math.isfinite(landscape.loss()):
-            raise MeasureError("the weights or the loss at them are not finite (a diverged run?): sharpness is "
-                               "undefined there; measure an earlier checkpoint")
-        with torch.enable_grad():
+        with torch.enable_grad(), _eager():
+            if not bool(torch.isfinite(landscape.w).all()) or not math.isfinite(landscape.loss()):
+                raise MeasureError("the weights or the loss at them are not finite (a diverged run?): sharpness "
+                                   "is undefined there; measure an earlier checkpoint")
             for name in sorted(names, key=lambda name: name == "keskar"):  # keskar last: it reuses v1 if known
                 landscape.bar.set_description(f"sharpness/{name}")
                 results.update(_MEASURE_FUNCTIONS[name](landscape))
@@ -119,6 +120,14 @@ def measure(
         for module, training in modes.items():
             module.training = training
     return results
+
+
+def _eager() -> AbstractContextManager[None]:
+    """Run a `torch.compile`d model (compile=true) eagerly: HVPs need double backward, which compiled graphs lack.
+
+    Nothing can be compiled before torch._dynamo is loaded, and importing it costs seconds, so only then.
+    """
+    return torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else nullcontext()
 
 
 def _parameter_count(model: nn.Module) -> int:

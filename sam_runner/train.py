@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sam_runner import checkpoint, resume, rundir, saved_run, sharpness, stopping
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
-                              resolve_device, resolve_precision, target_name)
+                              compile_model, resolve_device, resolve_precision, target_name)
 from sam_runner.config import sharpness_measures, sharpness_options, validate
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.logbook import HPARAM_METRICS, Logbook, Stopwatch, read_summary
@@ -143,6 +143,8 @@ def build_run(cfg: DictConfig, settings: DictConfig, precision: str, device: tor
     data = build_data(cfg, settings, device)
     plan = make_plan(settings, len(data.train))
     model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
+    if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
+        compile_model(model, data, AUTOCAST_DTYPES[precision], cfg.optimizer.sam, clock)
     optimizer = build_optimizer(cfg.optimizer, settings.rho, plan.lr, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
     sam = cfg.optimizer.sam

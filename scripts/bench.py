@@ -1,35 +1,73 @@
-"""Training throughput of sam-runner's step against a bare PyTorch loop on the same model and data.
+"""Training speed of sam-runner against a bare PyTorch loop, SGD and SAM side by side in one process.
 
-    python scripts/bench.py --model cnn1d --batch-size 128 --steps 200           # CPU, MNIST-1D shape
-    python scripts/bench.py --model resnet18 --batch-size 256 --device cuda      # GPU, CIFAR shape, bf16
+    python scripts/bench.py --model cnn1d --batch-size 128                        # CPU, MNIST-1D
+    python scripts/bench.py --model resnet18 --batch-size 512 --device cuda       # GPU, CIFAR-10 shapes, bf16
 
-Prints images/s for SGD and SAM, each as a bare loop and through `sam_runner.steps.train_step`, and the
-runner's overhead. Data are random tensors already on the device, so only the step is timed. Results go in
-docs/benchmarks.md with the exact command; never assert timings in tests.
+Two measurements, each for SGD and SAM, interleaved round by round so a busy machine slows all of them alike
+(the tables give medians over the rounds):
+- steps: one device-resident batch, stepped again and again, through `sam_runner.steps.train_step` and through a
+  bare loop (`bare_sgd_step`, `bare_sam_step`): the cost of the step alone;
+- epochs: whole epochs as `sam-run` trains them (a run built by `train.build_run` from the composed config:
+  BatchStream's gather and augmentation, the scheduler step, the on-device statistics) against a bare loop over
+  the same device-resident batches with the plain step; evaluation and checkpoint seconds apart.
+The ratios the issue sets targets for (SAM/SGD step time, runner/bare epoch time) come from these medians.
+FLOPs are counted once per model with torch.utils.flop_counter (matrix products and convolutions, 2 per
+multiply-add, forward and backward); achieved TFLOP/s and the share of the device's dense bf16 peak follow.
+
+Extra arguments are Hydra overrides for the run (e.g. `+optimizer.base.build.fused=true`). CIFAR-shaped models
+train on synthetic 3x32x32 data the size of CIFAR-10 (no download), with CIFAR-10's crop, flip and normalization.
+`--json PATH` writes everything the tables show. Results go in docs/benchmarks.md with the exact command; never
+assert timings in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
+from contextlib import nullcontext
+from datetime import date
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from sam_runner import models
-from sam_runner.build import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from sam_runner import checkpoint, resume, train
+from sam_runner.build import AUTOCAST_DTYPES, build_optimizer, compile_model, resolve_device, resolve_precision
+from sam_runner.cli import CONFIG_DIR
+from sam_runner.config import validate
+from sam_runner.logbook import Logbook, Stopwatch
 from sam_runner.optim import SAM
+from sam_runner.progress import Progress
 from sam_runner.steps import train_step
+from sam_runner.stopping import StopRequests
 
-INPUT_SHAPES = {"cnn1d": (1, 40), "mlp": (1, 40), "resnet18": (3, 32, 32), "wide_resnet": (3, 32, 32),
-                "keskar_c1": (3, 32, 32)}
+CIFAR_SHAPED = ["dataset=synthetic", "dataset.name=synthetic_cifar10", "dataset.source.num_train=50000",
+                "dataset.source.num_test=10000", "dataset.source.input_shape=[3,32,32]",
+                "dataset.augment={crop_padding:4,horizontal_flip:true}",
+                "dataset.normalize={mean:[0.4914,0.4822,0.4465],std:[0.2470,0.2435,0.2616]}"]
+DATASETS = {"cnn1d": [], "mlp": [], "resnet18": CIFAR_SHAPED, "wrn16_8": CIFAR_SHAPED, "wrn28_10": CIFAR_SHAPED,
+            "keskar_c1": CIFAR_SHAPED}  # model config -> dataset overrides (cnn1d, mlp: the default MNIST-1D)
+# Dense bf16 tensor-core peak, TFLOP/s (shared/REFERENCE.md section 7): H100 SXM, and H200 (the same GH100 chip).
+# Other devices (an H100 PCIe is slower): pass --peak-tflops.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+OPTIMIZERS = ("sgd", "sam")
+
+
+# ----------------------------------------------------------------------------------------------- bare loop
 
 
 def bare_sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  autocast: Callable) -> None:
+                  autocast: Callable[[], Any]) -> None:
     optimizer.zero_grad(set_to_none=True)
     with autocast():
         loss = F.cross_entropy(model(x), y)
@@ -38,7 +76,7 @@ def bare_sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
 
 def bare_sam_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  autocast: Callable, rho: float = 0.05) -> None:
+                  autocast: Callable[[], Any], rho: float = 0.05) -> None:
     """The textbook two-pass step, written plainly (no BatchNorm freezing, no foreach)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast():
@@ -58,56 +96,273 @@ def bare_sam_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     optimizer.step()
 
 
-def images_per_second(step: Callable[[], None], steps: int, batch_size: int, device: torch.device) -> float:
-    for _ in range(min(10, steps)):  # warm-up: allocator, cuDNN autotuning
-        step()
+# ----------------------------------------------------------------------------------------------- the runner
+# The only places that reach into train.py's internals: where its signatures change, change these three.
+
+
+def runner_epoch(run: train.Run, epoch: int) -> dict[str, float]:
+    """One training epoch exactly as `train.fit` runs it (from the epoch's first batch, no checkpoint due)."""
+    return train.train_epoch(run, Progress(epoch=epoch), summary={})
+
+
+def runner_evaluation(run: train.Run) -> dict[str, float]:
+    return train.generalization(run.model, run.data, run.autocast_dtype)
+
+
+def runner_checkpoint(run: train.Run, epoch: int, path: Path) -> None:
+    checkpoint.save_atomic(resume.checkpoint_state(run, Progress(epoch=epoch + 1), summary={}), path)
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+
+
+def training_flops(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one forward and of one forward + backward (cross-entropy, weights' and activations' gradients)
+    on this batch, counted by FlopCounterMode on a copy of the model on the meta device (no compute, no memory).
+
+    FlopCounterMode counts matrix products and convolutions (2 per multiply-add) and nothing elementwise: the
+    usual convention for achieved-FLOP/s figures.
+    """
+    meta = copy.deepcopy(model).to("meta").train()
+    x, y = inputs.to("meta"), targets.to("meta")
+    with FlopCounterMode(display=False) as forward:
+        meta(x)
+    with FlopCounterMode(display=False) as step:
+        F.cross_entropy(meta(x), y).backward()
+    return {"forward": forward.get_total_flops(), "forward_backward": step.get_total_flops()}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name and "PCIe" not in name), None)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # host sync: the queued kernels belong to the time
+
+
+def seconds(work: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    work()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+class Contender:
+    """One optimizer (SGD or SAM) both ways: a run as sam-run builds it, and a bare loop on a copy of its model."""
+
+    def __init__(self, name: str, args: argparse.Namespace, run_dir: Path) -> None:
+        self.name = name
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            self.cfg = compose(config_name="config", overrides=[
+                *DATASETS[args.model], f"model={args.model}", f"optimizer={name}", f"batch_size={args.batch_size}",
+                f"device={args.device}", f"precision={args.precision}", "compile=false", *args.overrides])
+        self.settings = validate(self.cfg)
+        self.device = resolve_device(self.settings.device.value)
+        self.precision = resolve_precision(self.settings.precision.value, self.device)
+        self.run_dir = run_dir / name
+        self.logbook = Logbook(self.run_dir, {})
+        self.run = train.build_run(self.cfg, self.settings, self.precision, self.device, self.logbook, Stopwatch(),
+                                   StopRequests())
+        self.flops = training_flops(self.run.model, *next(iter(self.run.data.train.epoch(0))))
+        self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
+        bare = build_optimizer(self.cfg.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)
+        self.bare_optimizer = bare.base_optimizer if isinstance(bare, SAM) else bare
+        self.bare_step = bare_sam_step if isinstance(bare, SAM) else bare_sgd_step
+        dtype = self.run.autocast_dtype
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        if args.channels_last:  # in place: the optimizers keep the same Parameter objects
+            self.run.model.to(memory_format=torch.channels_last)
+            self.bare_model.to(memory_format=torch.channels_last)
+        self.compile_time_s = None
+        if args.compile:  # as build_run does with compile=true (here after channels_last, whose strides it guards)
+            compile_model(self.run.model, self.run.data, dtype, self.cfg.optimizer.sam, self.run.clock)
+            self.compile_time_s = self.run.clock.times()["compile_time_s"]
+            self.bare_model.compile()  # compiled by its warm-up below
+        # One epoch's batches, made once and kept on the device: what the bare loop trains on.
+        self.batches = list(self.run.data.train.epoch(0))
+        self.batch = self.batches[0]
+        self.times: dict[str, list[float]] = {key: [] for key in
+                                              ("runner_step", "bare_step", "runner_epoch", "bare_epoch", "eval",
+                                               "checkpoint")}
+        self.epoch = 0
+
+    @property
+    def sam(self) -> bool:
+        return self.bare_step is bare_sam_step
+
+    def runner_steps(self, steps: int) -> None:
+        run = self.run
+        run.model.train()
+        for _ in range(steps):
+            train_step(run.model, *self.batch, run.optimizer, run.criterion, autocast_dtype=run.autocast_dtype,
+                       scaler=run.scaler, max_grad_norm=run.settings.max_grad_norm,
+                       micro_batch_size=run.micro_batch_size)
+
+    def bare_steps(self, steps: int) -> None:
+        self.bare_model.train()
+        for _ in range(steps):
+            self.bare_step(self.bare_model, self.bare_optimizer, *self.batch, self.autocast)
+
+    def bare_epoch(self) -> None:
+        self.bare_model.train()
+        for x, y in self.batches:
+            self.bare_step(self.bare_model, self.bare_optimizer, x, y, self.autocast)
+
+    def time_steps(self, steps: int) -> None:
+        self.times["runner_step"].append(seconds(lambda: self.runner_steps(steps), self.device) / steps)
+        self.times["bare_step"].append(seconds(lambda: self.bare_steps(steps), self.device) / steps)
+
+    def time_epoch(self) -> None:
+        self.times["runner_epoch"].append(seconds(lambda: runner_epoch(self.run, self.epoch), self.device))
+        self.times["eval"].append(seconds(lambda: runner_evaluation(self.run), self.device))
+        self.times["checkpoint"].append(
+            seconds(lambda: runner_checkpoint(self.run, self.epoch, self.run_dir / "last.pt"), self.device))
+        self.times["bare_epoch"].append(seconds(self.bare_epoch, self.device))
+        self.epoch += 1
+
+    def warm_up(self, steps: int) -> None:
+        """Allocator, cuDNN autotuning, lazy compiles: everything the first calls pay once."""
+        self.runner_steps(steps)
+        self.bare_steps(steps)
+        runner_epoch(self.run, 0)
+        runner_evaluation(self.run)
+        self.bare_epoch()
+        synchronize(self.device)
+
+    def close(self) -> None:
+        self.logbook.close({})
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(contenders: dict[str, Contender], args: argparse.Namespace, rounds: int, peak: float | None
+           ) -> dict[str, Any]:
+    """Medians, rates, ratios and TFLOP/s as one dict: what the tables print and --json writes."""
+    first = next(iter(contenders.values()))
+    samples = first.run.data.train.num_samples
+    result: dict[str, Any] = {
+        "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]), "date": date.today().isoformat(),
+        "torch": torch.__version__, "device": _device_name(first.device), "precision": first.precision,
+        "model": args.model, "batch_size": args.batch_size, "train_samples": samples, "rounds": rounds,
+        "steps_per_round": args.steps, "compile": args.compile, "channels_last": args.channels_last,
+        "cudnn_benchmark": args.cudnn_benchmark, "torch_threads": torch.get_num_threads(),
+        "flops_per_image": {"forward": first.flops["forward"] / args.batch_size,
+                            "sgd_step": first.flops["forward_backward"] / args.batch_size,
+                            "sam_step": 2 * first.flops["forward_backward"] / args.batch_size},
+        "peak_tflops": peak, "optimizers": {},
+    }
+    for name, c in contenders.items():
+        step_flops = c.flops["forward_backward"] * (2 if c.sam else 1)  # SAM: two forward-backward passes
+        epoch_flops = step_flops * samples / args.batch_size
+        row = {key: median(values) for key, values in c.times.items()}
+        row.update(runner_step_images_per_s=args.batch_size / row["runner_step"],
+                   bare_step_images_per_s=args.batch_size / row["bare_step"],
+                   runner_epoch_images_per_s=samples / row["runner_epoch"],
+                   bare_epoch_images_per_s=samples / row["bare_epoch"],
+                   runner_over_bare_step=row["runner_step"] / row["bare_step"],
+                   runner_over_bare_epoch=row["runner_epoch"] / row["bare_epoch"],
+                   runner_step_tflops=step_flops / row["runner_step"] / 1e12,
+                   runner_epoch_tflops=epoch_flops / row["runner_epoch"] / 1e12,
+                   compile_time_s=c.compile_time_s)
+        row["runner_epoch_peak_fraction"] = row["runner_epoch_tflops"] / peak if peak else None
+        row["runner_step_peak_fraction"] = row["runner_step_tflops"] / peak if peak else None
+        result["optimizers"][name] = row
+    sgd, sam = result["optimizers"]["sgd"], result["optimizers"]["sam"]
+    result["sam_over_sgd_step"] = {"runner": sam["runner_step"] / sgd["runner_step"],
+                                   "bare": sam["bare_step"] / sgd["bare_step"]}
+    result["sam_over_sgd_epoch"] = {"runner": sam["runner_epoch"] / sgd["runner_epoch"],
+                                    "bare": sam["bare_epoch"] / sgd["bare_epoch"]}
+    return result
+
+
+def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        torch.cuda.synchronize()  # host sync: count the queued kernels in the time
-    return steps * batch_size / (time.perf_counter() - start)
+        return torch.cuda.get_device_name(device)
+    return f"cpu (torch threads: {torch.get_num_threads()})"
 
 
-def main() -> None:
+def print_tables(result: dict[str, Any]) -> None:
+    flops = result["flops_per_image"]
+    print(f"{result['model']}, batch {result['batch_size']}, {result['train_samples']} training samples, "
+          f"{result['device']} ({result['precision']}), torch {result['torch']}, {result['date']}")
+    print(f"FLOPs per image (counted): forward {flops['forward'] / 1e9:.4g} G, SGD step "
+          f"{flops['sgd_step'] / 1e9:.4g} G, SAM step {flops['sam_step'] / 1e9:.4g} G; bf16 peak: "
+          f"{result['peak_tflops'] or 'unknown (--peak-tflops)'}")
+    peak = result["peak_tflops"]
+    print(f"\nsteps (one device-resident batch; median of {result['rounds']} rounds of {result['steps_per_round']})")
+    print("| optimizer | bare loop img/s | sam-runner img/s | runner/bare time | TFLOP/s | of bf16 peak |")
+    print("|---|---|---|---|---|---|")
+    for name, row in result["optimizers"].items():
+        share = f"{100 * row['runner_step_peak_fraction']:.1f}%" if peak else "-"
+        print(f"| {name.upper()} | {row['bare_step_images_per_s']:,.0f} | {row['runner_step_images_per_s']:,.0f} | "
+              f"{row['runner_over_bare_step']:.3f} | {row['runner_step_tflops']:.3g} | {share} |")
+    print(f"\nepochs (median of {result['rounds']}; evaluation and checkpoint not in the epoch time)")
+    print("| optimizer | bare epoch s | sam-runner epoch s | runner/bare time | sam-runner img/s | TFLOP/s | "
+          "of bf16 peak | eval s | checkpoint s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, row in result["optimizers"].items():
+        share = f"{100 * row['runner_epoch_peak_fraction']:.1f}%" if peak else "-"
+        print(f"| {name.upper()} | {row['bare_epoch']:.3f} | {row['runner_epoch']:.3f} | "
+              f"{row['runner_over_bare_epoch']:.3f} | {row['runner_epoch_images_per_s']:,.0f} | "
+              f"{row['runner_epoch_tflops']:.3g} | {share} | {row['eval']:.3f} | {row['checkpoint']:.3f} |")
+    step, epoch = result["sam_over_sgd_step"], result["sam_over_sgd_epoch"]
+    print(f"\nSAM/SGD time: step {step['runner']:.3f} (bare loop {step['bare']:.3f}), "
+          f"epoch {epoch['runner']:.3f} (bare loop {epoch['bare']:.3f})")
+    compiled = {name: row["compile_time_s"] for name, row in result["optimizers"].items() if row["compile_time_s"]}
+    if compiled:
+        print("compile (not in any time above): " + ", ".join(f"{n.upper()} {s:.1f}s" for n, s in compiled.items()))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="cnn1d", choices=sorted(INPUT_SHAPES))
+    parser.add_argument("--model", default="cnn1d", choices=sorted(DATASETS), help="a configs/model/ name")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=50, help="steps per round of the step timing")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (steps and epochs); medians are reported")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    args = parser.parse_args()
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (compile time apart)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights (tensor-core convolutions)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); on a shared machine 1 "
+                        "keeps idle-spinning threads from slowing every operation several-fold")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (known: H100 SXM, H200)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run's config")
+    args = parser.parse_args(argv)
 
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    dtype = AUTOCAST_DTYPES[precision]
-    autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
-    shape = INPUT_SHAPES[args.model]
-    x = torch.rand(args.batch_size, *shape, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
-    criterion = nn.CrossEntropyLoss()
-
-    def fresh(sam: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        model = getattr(models, args.model)(num_classes=10, input_shape=shape).to(device)
-        base = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
-        return model, SAM(model.parameters(), base, rho=0.05) if sam else base(model.parameters())
-
-    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps on {device} ({precision})")
-    for name, sam in (("SGD", False), ("SAM", True)):
-        model, optimizer = fresh(sam)
-        bare_optimizer = optimizer.base_optimizer if sam else optimizer
-        bare = bare_sam_step if sam else bare_sgd_step
-        bare_rate = images_per_second(lambda: bare(model, bare_optimizer, x, y, autocast), args.steps,
-                                      args.batch_size, device)
-        model, optimizer = fresh(sam)
-        runner_rate = images_per_second(
-            lambda: train_step(model, x, y, optimizer, criterion, autocast_dtype=dtype), args.steps,
-            args.batch_size, device)
-        print(f"{name}: bare loop {bare_rate:9.0f} img/s | sam-runner {runner_rate:9.0f} img/s | "
-              f"overhead {100 * (bare_rate / runner_rate - 1):+.1f}%")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    train.SHOW_PROGRESS = False  # no progress bars: their host syncs would depend on whether stderr is a terminal
+    with tempfile.TemporaryDirectory(prefix="sam-bench-") as scratch:
+        contenders = {name: Contender(name, args, Path(scratch)) for name in OPTIMIZERS}
+        for contender in contenders.values():
+            contender.warm_up(min(args.steps, 10))
+        for _ in range(args.rounds):  # interleaved: load on a shared machine hits every contender alike
+            for contender in contenders.values():
+                contender.time_steps(args.steps)
+        for _ in range(args.rounds):
+            for contender in contenders.values():
+                contender.time_epoch()
+        device = next(iter(contenders.values())).device
+        result = report(contenders, args, args.rounds, peak_tflops(device, args.peak_tflops))
+        for contender in contenders.values():
+            contender.close()
+    print_tables(result)
+    if args.json is not None:
+        checkpoint.write_json_atomic(result, args.json)
+    return result
 
 
 if __name__ == "__main__":

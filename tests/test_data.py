@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -334,3 +336,14 @@ def test_cifar_yaml_reads_data_dir(name, tmp_path, skip_md5):
     train, _ = instantiate(cfg.source, download=False)
     assert cfg.num_classes == CIFAR[name][-1]
     assert data.materialize(train)[0].shape[1:] == (3, 32, 32)
+
+
+def test_a_cached_mnist1d_is_read_without_importing_the_generator(tmp_path):
+    """mnist1d imports matplotlib and scipy (over a second of every run's start): only generating needs it."""
+    data.mnist1d(num_samples=100, cache_dir=str(tmp_path))
+    script = ("import sys; from sam_runner import data; "
+              f"data.mnist1d(num_samples=100, cache_dir={str(tmp_path)!r}); "
+              "print(sorted(m for m in ('mnist1d', 'matplotlib', 'scipy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
