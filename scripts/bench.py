@@ -37,12 +37,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sam_runner import checkpoint, resume, train
-from sam_runner.build import AUTOCAST_DTYPES, build_optimizer, compile_model, resolve_device, resolve_precision
+from sam_runner.build import build_optimizer, compile_model, resolve_device, resolve_precision
 from sam_runner.cli import CONFIG_DIR
 from sam_runner.config import validate
 from sam_runner.logbook import Logbook, Stopwatch

@@ -102,7 +102,7 @@ def test_cifar_failed_download_is_a_data_error(tmp_path, monkeypatch):
 
 def test_mnist1d_shapes_split_and_determinism():
     train, test = data.mnist1d(num_samples=500)
-    (x, y), (xt, yt) = data.materialize(train), data.materialize(test)
+    (x, y), (xt, _) = data.materialize(train), data.materialize(test)
     assert x.shape == (400, 1, 40) and xt.shape == (100, 1, 40)
     assert data.infer_num_classes(y) == 10 and set(y.tolist()) == set(range(10))
     again = data.mnist1d(num_samples=500)[0].tensors

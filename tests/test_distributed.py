@@ -17,7 +17,7 @@ from torch import nn
 
 from sam_runner import distributed
 from sam_runner.data import BatchStream
-from sam_runner.distributed import RankShare, World, shard, shard_bounds
+from sam_runner.distributed import RankShare, World, shard
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
 from sam_runner.steps import train_step
