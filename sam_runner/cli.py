@@ -193,16 +193,18 @@ def objective(summary: dict[str, Any]) -> float | None:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _hydra_job(cfg: DictConfig) -> float | None:
     """One Hydra job = one run. Returns its `objective` for Hydra sweepers."""
-    from sam_runner import train  # imported here so `sam-run --help` stays fast
+    from sam_runner import gpu_slots, train  # imported here so `sam-run --help` stays fast
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     if in_sweep:
         os.environ[SWEEP_DIR_ENV] = str(hydra_config.sweep.dir)
     try:
-        summary = train.run_experiment(cfg, Path(hydra_config.runtime.output_dir),
-                                       choices=dict(hydra_config.runtime.choices),
-                                       plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
+        with gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
+                                  Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
+            summary = train.run_experiment(cfg, Path(hydra_config.runtime.output_dir),
+                                           choices=dict(hydra_config.runtime.choices),
+                                           plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
     except Exception as error:  # any class: the run's summary.json says failed, and a sweep goes on
         foreseen = isinstance(error, SamRunnerError)
         if not foreseen and os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -92,6 +92,7 @@ class TopLevelSchema:
     max_grad_norm: Optional[float] = None
     progress_every: int = 25
     resume: bool = True
+    jobs_per_gpu: int = 1
     eval: EvalSchema = field(default_factory=EvalSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     stop: StopSchema = field(default_factory=StopSchema)
@@ -191,6 +192,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(top.max_grad_norm is None or top.max_grad_norm > 0,
              f"max_grad_norm must be > 0 or null (got {top.max_grad_norm})")
     _require(top.progress_every > 0, f"progress_every must be > 0 (got {top.progress_every})")
+    _require(top.jobs_per_gpu > 0, f"jobs_per_gpu must be >= 1 (got {top.jobs_per_gpu})")
     _require(top.eval.batch_size > 0, f"eval.batch_size must be > 0 (got {top.eval.batch_size})")
     _require(top.eval.train_subset is None or top.eval.train_subset > 0,
              f"eval.train_subset must be > 0 or null (got {top.eval.train_subset})")

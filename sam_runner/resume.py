@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sam_runner")
 
 # Keys that may differ between a run and its continuation: they change neither the numbers nor the run's meaning.
-IGNORED_ON_RESUME = ("resume", "progress_every", "data_dir")
+IGNORED_ON_RESUME = ("resume", "progress_every", "data_dir", "jobs_per_gpu")
 ENDED = ("completed", "diverged")  # a re-run leaves these as they are
 CHECKPOINT = Path(rundir.CHECKPOINT_DIR) / "last.pt"
 SHOWN_DIFFERENCES = 6
