@@ -48,7 +48,7 @@ class Prior:
         return self.summary is not None
 
 
-def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool, device: torch.device) -> Prior:
+def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool) -> Prior:
     """Decide what to do with `run_dir`'s earlier records, before anything is written there.
 
     resume=false removes them (asked for, so said in the log). Otherwise the earlier run must have the same
@@ -70,7 +70,7 @@ def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool, device: torc
                     "starting over", run_dir)
         rundir.start_over(run_dir)
         return Prior()
-    state = checkpoint.load(run_dir / CHECKPOINT, map_location=device)
+    state = checkpoint.load(run_dir / CHECKPOINT)  # on the CPU: RNG states must stay there; restore moves the rest
     if "progress" not in state:
         raise CheckpointError(f"{run_dir / CHECKPOINT} was written by an older sam-runner and cannot be continued "
                               f"exactly: add resume=false to start over")

@@ -68,7 +68,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
         return _skip_duplicate(run_dir, hparams, plain_rho)
     config = OmegaConf.to_container(cfg, resolve=True)
     with rundir.claim(run_dir), stopping.stop_requests() as stop:
-        prior = resume.inspect(run_dir, config, resume=settings.resume, device=device)
+        prior = resume.inspect(run_dir, config, resume=settings.resume)
         if prior.ended:
             log.info("%s has %s already: not trained again (add resume=false to train it from scratch)", run_dir,
                      prior.summary["status"])
