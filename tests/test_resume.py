@@ -29,10 +29,14 @@ RESUMABLE = ["dataset=synthetic", "dataset.source.num_train=1024", "dataset.sour
 TIMING_KEYS = ("opt/epoch_time_s", "opt/images_per_s")
 
 
+def in_background(workdir: Path, *args: str) -> subprocess.Popen[str]:
+    """`sam-run ARGS` started as a user would, without waiting for it."""
+    return subprocess.Popen([str(BIN / "sam-run"), *args], cwd=workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def start(workdir: Path, run_dir: str, *overrides: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(BIN / "sam-run"), *RESUMABLE, *overrides, f"hydra.run.dir={run_dir}"], cwd=workdir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return in_background(workdir, *RESUMABLE, *overrides, f"hydra.run.dir={run_dir}")
 
 
 def started(workdir: Path, run_dir: str, *overrides: str) -> subprocess.Popen[str]:
@@ -178,9 +182,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_the_first_is_untouche
 
 
 def test_two_runs_started_at_once_get_their_own_default_directories(workdir: Path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    runs = [subprocess.Popen([str(BIN / "sam-run"), *TINY, "epochs=1", f"seed={seed}"], cwd=workdir, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    runs = [in_background(workdir, *TINY, "epochs=1", f"seed={seed}") for seed in (0, 1)]
     for run in runs:
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr
@@ -316,10 +318,8 @@ def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_me
 
 def test_a_preempted_sweep_prints_its_table_and_the_same_command_finishes_it(workdir: Path) -> None:
     """What a cluster's requeue does: the sweep is stopped (exit 75), then its command runs again."""
-    command = [str(BIN / "sam-run"), "-m", *RESUMABLE, "dataset.source.num_train=512", "epochs=2", "seed=0,1",
-               "hydra.sweep.dir=sweep"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sweep = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = ["-m", *RESUMABLE, "dataset.source.num_train=512", "epochs=2", "seed=0,1", "hydra.sweep.dir=sweep"]
+    sweep = in_background(workdir, *command)
     deadline = time.monotonic() + 120
     while not list(workdir.glob("sweep/0_*/checkpoints/last.pt")):
         assert sweep.poll() is None and time.monotonic() < deadline, "the first job never wrote a checkpoint"
@@ -330,7 +330,7 @@ def test_a_preempted_sweep_prints_its_table_and_the_same_command_finishes_it(wor
     assert sweep.returncode == 75, stderr
     assert "preempted" in stdout.split("sweep ")[-1], "the table lists the stopped job"
     assert read_json(first_job / "summary.json")["status"] == "preempted"
-    again = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    again = run_cli("sam-run", *command, cwd=workdir)
     assert again.returncode == 0, again.stderr
     assert "continuing" in again.stdout
     jobs = sorted(workdir.glob("sweep/[01]_*"))
