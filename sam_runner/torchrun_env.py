@@ -8,8 +8,7 @@ import os
 from sam_runner.errors import ConfigError
 
 # Hydra in a process other than rank 0: no .hydra/ copy, no log file, only warnings on the console.
-QUIET_HYDRA = ("hydra.output_subdir=null", "~hydra.job_logging.handlers.file",
-               "hydra.job_logging.root.handlers=[console]", "hydra.job_logging.root.level=WARNING")
+QUIET_HYDRA = ("hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING")
 PER_PROCESS = ("${now:", "${pid:")  # interpolations that differ between the processes of one torchrun
 
 
