@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sam_runner import config as config_schema
+from sam_runner import torchrun_env
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report import FINISHED, SweepTable
 from sam_runner.stopping import EXIT_INTERRUPTED, RunStopped
@@ -170,7 +171,12 @@ def preflight(args: argparse.Namespace) -> None:
             if not output:
                 raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
             _check_writable(Path(output))
-            if not args.multirun:  # before Hydra writes .hydra/ into a directory that holds another run
+            parent, _, leaf = key.rpartition(".")
+            unresolved = OmegaConf.to_container(OmegaConf.select(cfg, parent))[leaf]
+            torchrun_env.refuse_per_process_directory(key, str(unresolved))
+            # before Hydra writes .hydra/ into a directory that holds another run; under torchrun rank 0 checks
+            # for all (it may hold the run's lock already when another process gets here)
+            if not args.multirun and torchrun_env.launched_rank() == 0:
                 from sam_runner import resume  # loads torch: not for `--help`
                 task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
                 resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
@@ -226,6 +232,7 @@ def main() -> None:
         preflight(args)
     except SamRunnerError as error:
         _fail(error)
+    sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in processes other than rank 0
     first_rho = _first_rho(args.overrides) if args.multirun else None
     if first_rho is not None:
         os.environ[PLAIN_RHO_ENV] = first_rho

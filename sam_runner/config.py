@@ -42,6 +42,16 @@ class Precision(Enum):
     fp16 = "fp16"
 
 
+# SAM's ε under DDP: from the all-reduced gradient, or each process's own shard (distributed.SAM_MODES)
+DdpSamMode = Enum("DdpSamMode", {"global": "global", "local": "local"})
+
+
+@dataclass
+class DdpSchema:
+    sam_mode: DdpSamMode = DdpSamMode["global"]
+    sync_batchnorm: bool = False
+
+
 @dataclass
 class EvalSchema:
     batch_size: int = 1024
@@ -97,6 +107,7 @@ class TopLevelSchema:
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     stop: StopSchema = field(default_factory=StopSchema)
     sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
+    ddp: DdpSchema = field(default_factory=DdpSchema)
 
 
 FINITE_KEYS = ("rho", "lr", "label_smoothing", "max_grad_norm", "sharpness.rho", "stop.train_acc", "stop.train_loss")

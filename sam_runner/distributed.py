@@ -98,7 +98,7 @@ def _world_from_env(device: torch.device, env: Mapping[str, str]) -> World:
 
 
 def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: str,
-                micro_batch_size: int | None = None, sync_batchnorm: bool = False) -> None:
+                micro_batch_size: int | None = None, sync_batchnorm: bool = False, compile: bool = False) -> None:
     """Refuse, before anything is built, what the distributed step cannot do right; nothing for one process.
 
     Every rank needs at least one sample of every batch (an empty shard has no mean loss and breaks
@@ -132,6 +132,9 @@ def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: st
     if sync_batchnorm and sam_mode == "local":
         raise ConfigError("sync_batchnorm pools BatchNorm statistics across processes, so the local SAM mode's "
                           "per-process ε would see every shard: use the global mode or sync_batchnorm=false")
+    if compile:  # compile_model warms up at the full batch's shapes; a rank's shard would recompile mid-epoch
+        raise ConfigError("compile=true is not supported over several processes yet (its warm-up compiles one "
+                          "process's batch shapes): set compile=false")
 
 
 def shard_bounds(n: int, world: World) -> tuple[int, int]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sam_runner import checkpoint, rundir
+from sam_runner.distributed import World
 from sam_runner.errors import CheckpointError, ConfigError
 from sam_runner.logbook import read_summary
 from sam_runner.progress import Progress
@@ -54,6 +55,8 @@ def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool) -> Prior:
     resume=false removes them (asked for, so said in the log). Otherwise the earlier run must have the same
     config (else a `ConfigError` names the differing keys); an ended run is left alone, a checkpoint is
     continued from, and records without a checkpoint (a run killed before its first one) are started over.
+    The checkpoint is read onto the CPU (the random generators' states must be there; the rest moves to the
+    device as it is loaded), which also lets rank 0 hand it to the other processes of a DDP run.
     """
     if not rundir.has_records(run_dir):
         return Prior()
@@ -125,20 +128,36 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def checkpoint_state(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[str, Any]:
-    """Everything an exact continuation needs (the data order is not stored: it is a function of (seed, epoch))."""
+    """Everything an exact continuation needs (the data order is not stored: it is a function of (seed, epoch)).
+
+    Under DDP a collective: `ranks` holds every process's own random generators and epoch statistics so far.
+    """
     trained = progress.epoch + (0 < progress.batch >= run.plan.batches_in(progress.epoch))  # epochs fully trained
     return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model": run.network.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": trained, "step": progress.step, "seed": run.settings.seed,
         "rng": _rng_states(), "progress": progress.state_dict(), "summary": summary, "clock": run.clock.state(),
+        "ranks": run.team.gather({"rng": _rng_states(), "totals": progress.totals.state_dict()}),
     }
+
+
+def own_share(state: dict[str, Any], world: World) -> dict[str, Any]:
+    """The checkpoint as this process continues it: its own random generators and epoch statistics (from
+    `ranks`), refused when it was written by another number of processes, whose shards were not these."""
+    shares = state.get("ranks") or [{"rng": state["rng"], "totals": state["progress"]["totals"]}]
+    if len(shares) != world.world_size:
+        raise CheckpointError(f"the checkpoint was written by a run over {len(shares)} process(es), and this one has "
+                              f"{world.world_size}: continue it with as many (torchrun --nproc_per_node="
+                              f"{len(shares)}), or add resume=false to start over")
+    own = shares[world.rank]
+    return {**state, "rng": own["rng"], "progress": {**state["progress"], "totals": own["totals"]}}
 
 
 def restore(run: Run, state: dict[str, Any]) -> Progress:
     """Load a checkpoint's weights, optimizer, schedule and random generators into `run`; return its progress."""
     try:
-        run.model.load_state_dict(state["model"])
+        run.network.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         if run.scaler is not None and state["scaler"] is not None:
@@ -147,7 +166,7 @@ def restore(run: Run, state: dict[str, Any]) -> Progress:
         raise CheckpointError(f"the checkpoint does not match this run ({str(error).splitlines()[0]}): add "
                               f"resume=false to start over") from None
     _set_rng_states(state["rng"])
-    return Progress.from_state(state["progress"], next(run.model.parameters()).device)
+    return Progress.from_state(state["progress"], next(run.network.parameters()).device)
 
 
 def _rng_states() -> dict[str, Any]:

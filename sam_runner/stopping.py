@@ -45,6 +45,10 @@ class StopRequests:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def take(self, number: int) -> None:
+        """Stop as another process of the same run was asked to (signals reach torchrun's ranks one by one)."""
+        self.signal = self.signal or signal.Signals(number)
+
     def stopped(self, step: int) -> RunStopped:
         """The exception to raise once the checkpoint at `step` is written."""
         assert self.signal is not None

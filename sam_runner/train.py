@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sam_runner import checkpoint, resume, rundir, saved_run, sharpness, stopping
+from sam_runner import checkpoint, distributed, ranks, resume, saved_run, sharpness, stopping
 from sam_runner.build import (AUTOCAST_DTYPES, Data, build_data, build_model, build_optimizer, build_scheduler,
                               compile_model, resolve_device, resolve_precision, target_name)
 from sam_runner.config import sharpness_measures, sharpness_options, validate
@@ -30,7 +30,7 @@ from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.logbook import HPARAM_METRICS, Logbook, Stopwatch, read_summary
 from sam_runner.plan import RunPlan, at_chance, effective_lr, make_plan, protocol_name
 from sam_runner.progress import Progress
-from sam_runner.steps import train_step
+from sam_runner.ranks import Team
 
 log = logging.getLogger("sam_runner")
 SHOW_PROGRESS = sys.stderr.isatty()  # bars only for a person at a terminal, never in logs or CI
@@ -54,12 +54,22 @@ class Run:
     logbook: Logbook
     clock: Stopwatch
     stop: stopping.StopRequests  # SIGTERM/SIGUSR1/Ctrl-C requests, honoured between steps
+    team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
+
+    @property
+    def network(self) -> nn.Module:
+        """The model outside DDP's wrapper: evaluation, sharpness and checkpoints use it (no collectives inside,
+        no 'module.' prefix in the state)."""
+        return distributed.unwrap(self.model)
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | None = None,
                    plain_rho: str | None = None) -> dict[str, Any]:
     """Train one configuration and write everything into `run_dir`, continuing the run already there if it
-    stopped early (resume.py). Returns the final summary."""
+    stopped early (resume.py). Returns the final summary.
+
+    Under torchrun every process runs this; rank 0 decides what the run directory holds and writes it (ranks.py).
+    """
     settings = validate(cfg)
     device = resolve_device(settings.device.value)
     precision = resolve_precision(settings.precision.value, device)
@@ -67,30 +77,36 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
     if cfg.optimizer.sam is None and plain_rho is not None and float(plain_rho) != settings.rho:
         return _skip_duplicate(run_dir, hparams, plain_rho)
     config = OmegaConf.to_container(cfg, resolve=True)
-    with rundir.claim(run_dir), stopping.stop_requests() as stop:
-        prior = resume.inspect(run_dir, config, resume=settings.resume)
+    with ranks.team(device) as team, team.claimed(run_dir), stopping.stop_requests() as stop:
+        hparams.update(distributed.describe_world(team.world, sam_mode=settings.ddp.sam_mode.value,
+                                                  sync_batchnorm=settings.ddp.sync_batchnorm,
+                                                  is_sam=cfg.optimizer.sam is not None))
+        prior = team.by_main(resume.inspect, run_dir, config, resume=settings.resume)
         if prior.ended:
             log.info("%s has %s already: not trained again (add resume=false to train it from scratch)", run_dir,
                      prior.summary["status"])
             return prior.summary
-        return _train(cfg, config, settings, precision, device, hparams, run_dir, prior.checkpoint, stop)
+        state = resume.own_share(prior.checkpoint, team.world) if prior.checkpoint else None
+        return _train(cfg, config, settings, precision, team, hparams, run_dir, state, stop)
 
 
-def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precision: str, device: torch.device,
+def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precision: str, team: Team,
            hparams: dict[str, Any], run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests
            ) -> dict[str, Any]:
     """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended. `config`
     is `cfg` resolved, as run.json records it."""
+    device = team.device
     clock = Stopwatch(state["clock"] if state else None)
     progress = Progress.from_state(state["progress"], device) if state else Progress()
-    logbook = Logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
-                      purge_step=progress.logged_step + 1 if state else None)
-    logbook.write_run_info(sys.argv, config, device, resumed_at_step=progress.step if state else None)
+    logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
+                           purge_step=progress.logged_step + 1 if state else None)
+    logbook.write_run_info(sys.argv, config, device,
+                           resumed_at_step=progress.step if state else None)
     summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
     summary.pop("error", None)
     logbook.write_summary(summary)
     try:
-        run = build_run(cfg, settings, precision, device, logbook, clock, stop)
+        run = build_run(cfg, settings, precision, team, logbook, clock, stop)
         if state:
             resume.restore(run, state)
             log.info("continuing %s from epoch %d, batch %d (step %d)", run_dir, progress.epoch + 1, progress.batch,
@@ -99,7 +115,7 @@ def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precis
             summary.update(steps_budget=run.plan.total_steps, target_reached=False if run.plan.has_target else None)
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch | %s -> %s", hparams["dataset"],
                  hparams["model"], _optimizer_label(hparams), device, precision,
-                 sum(p.numel() for p in run.model.parameters()), run.plan.steps_per_epoch, run.plan.protocol,
+                 sum(p.numel() for p in run.network.parameters()), run.plan.steps_per_epoch, run.plan.protocol,
                  run_dir)
         fit(run, summary, progress)
         if summary["status"] == "running":
@@ -136,24 +152,29 @@ def _record_ending(logbook: Logbook, summary: dict[str, Any]) -> None:
                   describe_unforeseen(error))
 
 
-def build_run(cfg: DictConfig, settings: DictConfig, precision: str, device: torch.device, logbook: Logbook,
+def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team, logbook: Logbook,
               clock: Stopwatch, stop: stopping.StopRequests) -> Run:
     """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
     saved_run.seed_everything(settings.seed)
-    data = build_data(cfg, settings, device)
+    data = team.main_first(build_data, cfg, settings, team.device)  # rank 0 downloads, the others read
+    sam = cfg.optimizer.sam
+    micro_batch_size = sam.micro_batch_size if sam is not None else None
+    distributed.check_setup(team.world, batch_size=settings.batch_size, num_samples=data.train.num_samples,
+                            sam_mode=settings.ddp.sam_mode.value, sync_batchnorm=settings.ddp.sync_batchnorm,
+                            compile=settings.compile, micro_batch_size=micro_batch_size)
     plan = make_plan(settings, len(data.train))
-    model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
+    model = build_model(cfg.model, data.num_classes, data.input_shape).to(team.device)
     if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
         compile_model(model, data, AUTOCAST_DTYPES[precision], cfg.optimizer.sam, clock)
     optimizer = build_optimizer(cfg.optimizer, settings.rho, plan.lr, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
-    sam = cfg.optimizer.sam
+    model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)
     return Run(settings=settings, plan=plan, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
-               scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+               scaler=torch.amp.GradScaler(team.device.type) if precision == "fp16" else None,
                criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                autocast_dtype=AUTOCAST_DTYPES[precision],
-               micro_batch_size=sam.micro_batch_size if sam is not None else None,
-               measures=_measures_for(model, settings), logbook=logbook, clock=clock, stop=stop)
+               micro_batch_size=micro_batch_size, measures=_measures_for(model, settings), logbook=logbook,
+               clock=clock, stop=stop, team=team)
 
 
 def fit(run: Run, summary: dict[str, Any], progress: Progress) -> None:
@@ -181,7 +202,7 @@ def fit(run: Run, summary: dict[str, Any], progress: Progress) -> None:
             ending = plan.is_last(epoch) or diverged
             if plan.evaluates_after(epoch) or ending:
                 with clock("eval"):
-                    summary.update(generalization(run.model, run.data, run.autocast_dtype))
+                    summary.update(generalization(run.network, run.data, run.autocast_dtype, run.team.world))
                 metrics.update({tag: summary[key] for key, tag in HPARAM_METRICS.items() if key in summary})
                 progress.best_train_acc = max(progress.best_train_acc, summary["train_acc"])
                 summary["at_chance"] = at_chance(progress.best_train_acc, run.data.majority_fraction)
@@ -195,7 +216,7 @@ def fit(run: Run, summary: dict[str, Any], progress: Progress) -> None:
             if run.measures and not diverged and (ending or (every and (epoch + 1) % every == 0)):
                 save_checkpoint(run, progress, summary)  # the epoch is safe before the (possibly long) measurement
                 with clock("sharpness"):
-                    record = measure(run.model, run.data.sharpness, run.measures, run.settings, epoch=epoch + 1,
+                    record = measure(run.network, run.data.sharpness, run.measures, run.settings, epoch=epoch + 1,
                                      step=step, source="sam-run")
                 add_measurement(summary, record)
                 metrics.update({f"sharpness/{name}": value for name, value in record["values"].items()})
@@ -226,27 +247,30 @@ def train_epoch(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[s
                disable=not SHOW_PROGRESS, leave=False)
     every_steps = run.settings.checkpoint.every_steps
     for inputs, targets in bar:
-        result = train_step(run.model, inputs, targets, run.optimizer, run.criterion,
-                            autocast_dtype=run.autocast_dtype, scaler=run.scaler,
-                            max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size)
+        result = distributed.distributed_step(
+            run.model, inputs, targets, run.optimizer, run.criterion, run.team.world,
+            sam_mode=run.settings.ddp.sam_mode.value, autocast_dtype=run.autocast_dtype, scaler=run.scaler,
+            max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size)
         run.scheduler.step()
-        progress.totals.add(result, targets.shape[0])
+        progress.totals.add(result, run.team.share(targets.shape[0]))  # this rank's shard of the global batch
         progress.batch, progress.step = progress.batch + 1, progress.step + 1
         if SHOW_PROGRESS and progress.batch % run.settings.progress_every == 0:
             bar.set_postfix(loss=f"{result.loss.item():.4f}")  # host sync, once every progress_every steps
-        if run.stop.requested:
+        if run.team.stop_requested(run.stop):
             save_checkpoint(run, progress, summary)
             raise run.stop.stopped(progress.step)
         if every_steps and progress.step % every_steps == 0 and progress.batch < total:
             save_checkpoint(run, progress, summary)
-    return progress.totals.means()
+    run.team.sync_buffers(run.model)  # rank 0's BatchNorm statistics everywhere, for evaluation and measures
+    return run.team.combined(progress.totals).means()
 
 
 def save_checkpoint(run: Run, progress: Progress, summary: dict[str, Any]) -> None:
     """checkpoints/last.pt, replaced atomically: the run as it stands, to be continued exactly (resume.py)."""
     with run.clock("checkpoint"):
-        checkpoint.save_atomic(resume.checkpoint_state(run, progress, summary),
-                               run.logbook.run_dir / resume.CHECKPOINT)
+        run.team.sync_buffers(run.model)
+        state = resume.checkpoint_state(run, progress, summary)  # under DDP, with every rank's own part
+        run.team.by_main(checkpoint.save_atomic, state, run.logbook.run_dir / resume.CHECKPOINT)
 
 
 def _log_epoch(epoch: int, plan: RunPlan, summary: dict[str, Any], metrics: dict[str, float], evaluated: bool
@@ -262,31 +286,34 @@ def _log_epoch(epoch: int, plan: RunPlan, summary: dict[str, Any], metrics: dict
              summary["test_acc"], summary["gap_acc"], metrics["opt/lr"], speed, reached)
 
 
-def generalization(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+def generalization(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None,
+                   world: distributed.World = distributed.World()) -> dict[str, float]:
     """Eval-mode loss and accuracy on the training set (or its fixed subset), the validation split when there is
-    one, and the test set; and the generalization gaps (train vs test)."""
-    train_loss, train_acc = evaluate(model, data.train_eval, autocast_dtype)
-    test_loss, test_acc = evaluate(model, data.test, autocast_dtype)
+    one, and the test set; and the generalization gaps (train vs test). Sharded over the processes of `world`."""
+    train_loss, train_acc = evaluate(model, data.train_eval, autocast_dtype, world)
+    test_loss, test_acc = evaluate(model, data.test, autocast_dtype, world)
     result = {"train_acc": train_acc, "test_acc": test_acc, "train_loss": train_loss, "test_loss": test_loss,
               "gap_acc": train_acc - test_acc, "gap_loss": test_loss - train_loss}
     if data.val is not None:
-        result["val_loss"], result["val_acc"] = evaluate(model, data.val, autocast_dtype)
+        result["val_loss"], result["val_acc"] = evaluate(model, data.val, autocast_dtype, world)
     return result
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: Any, autocast_dtype: torch.dtype | None) -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy in eval mode, without augmentation."""
+def evaluate(model: nn.Module, stream: Any, autocast_dtype: torch.dtype | None,
+             world: distributed.World = distributed.World()) -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy in eval mode, without augmentation; each process of
+    `world` takes its share of every batch, and all get the same totals."""
     model.eval()
-    loss_sum = correct = None
-    for inputs, targets in stream.epoch(0):
+    device = stream.targets.device
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    for inputs, targets in distributed.RankShare(stream, world).epoch(0):  # a rank may get no share of a batch
         with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(inputs)
-        batch_loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        batch_correct = (logits.argmax(dim=1) == targets).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
-    return float(loss_sum) / stream.num_samples, float(correct) / stream.num_samples
+        loss_sum = loss_sum + F.cross_entropy(logits.float(), targets, reduction="sum")
+        correct = correct + (logits.argmax(dim=1) == targets).sum()
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), world)
+    return float(totals[0]) / stream.num_samples, float(totals[1]) / stream.num_samples
 
 
 def _measures_for(model: nn.Module, settings: DictConfig) -> list[str]:

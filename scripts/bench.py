@@ -44,9 +44,11 @@ from sam_runner import checkpoint, resume, train
 from sam_runner.build import build_optimizer, compile_model, resolve_device, resolve_precision
 from sam_runner.cli import CONFIG_DIR
 from sam_runner.config import validate
+from sam_runner.distributed import World
 from sam_runner.logbook import Logbook, Stopwatch
 from sam_runner.optim import SAM
 from sam_runner.progress import Progress
+from sam_runner.ranks import Team
 from sam_runner.steps import train_step
 from sam_runner.stopping import StopRequests
 
@@ -168,8 +170,8 @@ class Contender:
         self.precision = resolve_precision(self.settings.precision.value, self.device)
         self.run_dir = run_dir / name
         self.logbook = Logbook(self.run_dir, {})
-        self.run = train.build_run(self.cfg, self.settings, self.precision, self.device, self.logbook, Stopwatch(),
-                                   StopRequests())
+        self.run = train.build_run(self.cfg, self.settings, self.precision, Team(World(device=self.device)),
+                                   self.logbook, Stopwatch(), StopRequests())
         self.flops = training_flops(self.run.model, *next(iter(self.run.data.train.epoch(0))))
         self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
         bare = build_optimizer(self.cfg.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)

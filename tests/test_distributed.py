@@ -328,6 +328,7 @@ def test_broken_torchrun_environment_is_refused(monkeypatch, env, match):
     (dict(sam_mode="local", micro_batch_size=4, num_samples=70), "last batch of 6 must be multiples of 4"),
     (dict(sam_mode="local", micro_batch_size=4, batch_size=30, num_samples=60), "batch_size=30"),
     (dict(sync_batchnorm=True), "sync_batchnorm needs CUDA"),
+    (dict(compile=True), "compile=true is not supported over several processes"),
 ])
 def test_setups_the_distributed_step_cannot_do_are_refused(options, match):
     with pytest.raises(ConfigError, match=match):
