@@ -38,7 +38,6 @@ EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
 PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
-SWEEP_DIR_ENV = "SAM_RUNNER_SWEEP_DIR"  # where the sweep running in this process writes, for its table on a stop
 
 
 def _config_dir() -> str:
@@ -203,8 +202,6 @@ def _hydra_job(cfg: DictConfig) -> float | None:
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
-    if in_sweep:
-        os.environ[SWEEP_DIR_ENV] = str(hydra_config.sweep.dir)
     try:
         with gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
                                   Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
@@ -239,8 +236,8 @@ def main() -> None:
     try:
         _hydra_job()
     except (RunStopped, KeyboardInterrupt) as stopped:
-        if os.environ.get(SWEEP_DIR_ENV):  # a stop ends the whole sweep: show where every job got to
-            SweepTable.show(Path(os.environ[SWEEP_DIR_ENV]))
+        if SweepTable.sweep_dir is not None:  # a stop ends the whole sweep: show where every job got to
+            SweepTable.show(SweepTable.sweep_dir)
         if isinstance(stopped, RunStopped):
             _fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
         _fail("interrupted; the run's summary.json says so, and re-running the same command continues from its "

@@ -336,10 +336,15 @@ class SweepTable(Callback):
     """Prints the table of a sweep's runs once every job has finished, whichever launcher ran them.
 
     `unfinished` counts the runs that neither completed nor were skipped as duplicates, so that `sam-run` can
-    exit non-zero after a sweep in which some job failed, diverged or was interrupted.
+    exit non-zero after a sweep in which some job failed, diverged or was interrupted. `sweep_dir` is the running
+    sweep's directory, known in the launching process whatever launcher runs the jobs, for the table on a stop.
     """
 
     unfinished = 0
+    sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepTable.sweep_dir = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         SweepTable.show(Path(config.hydra.sweep.dir))

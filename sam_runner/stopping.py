@@ -1,13 +1,16 @@
-"""Stopping a run on request: SIGTERM and SIGUSR1 (a cluster pre-empting the job) and SIGINT (Ctrl-C).
+"""Stopping a run on request: SIGTERM, SIGUSR1 and submitit's SIGUSR2 (a cluster pre-empting the job, or its
+time limit near) and SIGINT (Ctrl-C).
 
 A signal only raises a flag; the trainer looks at it between optimizer steps, writes a checkpoint there and
 raises `RunStopped`, so the run can be continued exactly by re-running its command. A second Ctrl-C stops at
-once (the last checkpoint is still there to resume from).
+once (the last checkpoint is still there to resume from). A handler that was installed before ours for the
+stopping signal (submitit's, which requeues the job) runs once the checkpoint is written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,7 +22,10 @@ log = logging.getLogger("sam_runner")
 # Exit codes (README "Exit codes"): 75 (EX_TEMPFAIL, "try again later") tells a cluster to requeue the job.
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
-PREEMPTING = (signal.SIGTERM, signal.SIGUSR1)
+# submitit (Hydra's SLURM launcher) is warned of pre-emption and of the time limit by SIGUSR2, or by the signal
+# named in its SUBMITIT_PREEMPT_SIGNAL.
+SUBMITIT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+PREEMPTING = tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, SUBMITIT_SIGNAL)))
 
 
 class RunStopped(BaseException):
@@ -33,6 +39,9 @@ class RunStopped(BaseException):
         super().__init__(reason)
         self.status = status  # "preempted" or "interrupted"
         self.exit_code = EXIT_PREEMPTED if status == "preempted" else EXIT_INTERRUPTED
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # a SLURM job hands it back to the sweep pickled
+        return RunStopped, (self.status, str(self))
 
 
 class StopRequests:
@@ -69,8 +78,10 @@ class StopRequests:
 def stop_requests() -> Iterator[StopRequests]:
     """Catch the stopping signals while a run trains; the previous handlers come back afterwards.
 
-    Handlers can only be set from the main thread; elsewhere (a launcher's worker thread) the signals keep
-    their usual effect.
+    When the run stopped, the handler that was there before ours for the signal that stopped it runs then, if
+    it is a function: submitit's, in a SLURM job, requeues the job (which continues from the checkpoint). Handlers
+    can only be set from the main thread; elsewhere (a launcher's worker thread) the signals keep their usual
+    effect.
     """
     requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
@@ -79,6 +90,11 @@ def stop_requests() -> Iterator[StopRequests]:
     previous = {number: signal.signal(number, requests._handle) for number in (*PREEMPTING, signal.SIGINT)}
     try:
         yield requests
+    except RunStopped:
+        handed_on = previous.get(requests.signal)
+        if requests.signal in PREEMPTING and callable(handed_on):
+            handed_on(requests.signal, None)
+        raise
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

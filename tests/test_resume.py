@@ -232,6 +232,30 @@ def test_sigusr1_and_sigterm_ask_for_preemption_and_a_second_ctrl_c_stops_at_onc
     assert signal.getsignal(signal.SIGTERM) is before, "the previous handlers come back"
 
 
+
+def test_a_scheduler_handler_runs_after_the_stop_and_the_stop_survives_pickling() -> None:
+    """submitit's handler of its signal (SIGUSR2) requeues a SLURM job: it must run, once, after the checkpoint."""
+    import pickle
+
+    from sam_runner.stopping import RunStopped, stop_requests
+
+    calls: list[tuple[int, str]] = []
+    previous = signal.signal(signal.SIGUSR2, lambda number, frame: calls.append((number, "scheduler")))
+    try:
+        with pytest.raises(RunStopped) as raised:
+            with stop_requests() as requests:
+                signal.raise_signal(signal.SIGUSR2)
+                assert calls == [], "not before the run has checkpointed and stopped"
+                raise requests.stopped(step=3)
+        assert calls == [(signal.SIGUSR2, "scheduler")]
+        copy = pickle.loads(pickle.dumps(raised.value))  # as a SLURM job hands it back to the sweep
+        assert (copy.status, copy.exit_code, str(copy)) == ("preempted", 75, str(raised.value))
+        with stop_requests():
+            signal.raise_signal(signal.SIGUSR2)  # a run that ends anyway: nothing handed on
+        assert len(calls) == 1
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
 def test_a_claimed_run_directory_is_refused_to_a_second_claim_and_leftovers_are_removed(tmp_path: Path) -> None:
     from sam_runner import rundir
     from sam_runner.errors import ConfigError

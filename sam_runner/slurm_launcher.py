@@ -1,0 +1,38 @@
+"""What a sam-run job needs on a cluster, added to Hydra's submitit launchers (SLURM, and submitit's local
+executor, which runs the same jobs on this machine). The launchers themselves are declared in
+hydra_plugins/sam_runner_launcher, the only place Hydra looks for launcher classes.
+
+- A job with several tasks (`tasks_per_node` × `nodes`) is one DDP run: every task learns its rank from
+  submitit (SLURM's variables) as it would from torchrun, and only rank 0's Hydra writes (torchrun_env.py).
+- A job warned of pre-emption or of its time limit (submitit's signal) stops after the current step with a
+  checkpoint, then submitit requeues it (stopping.py hands the signal on); the requeued job calls the same job
+  again, whose run directory it continues exactly (resume.py).
+- A job stopped otherwise (`scancel`'s SIGTERM) hands its `RunStopped` back to the sweep, which then ends as a
+  local sweep does: the table, exit 75, and the same command continues it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+
+from sam_runner import torchrun_env
+from sam_runner.stopping import RunStopped
+
+
+class SamRunJob:
+    """What runs inside a submitted job, before and around Hydra's job (mixed into the plugin's launchers)."""
+
+    def __call__(self, sweep_overrides: list[str], *args: Any) -> JobReturn:
+        import submitit
+
+        environment = submitit.JobEnvironment()
+        if environment.num_tasks > 1:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, as torchrun sets them
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            sweep_overrides = [*sweep_overrides, *torchrun_env.hydra_overrides()]
+        try:
+            return super().__call__(sweep_overrides, *args)  # type: ignore[misc]
+        except RunStopped as stopped:  # not requeued: the sweep re-raises it when it reads this job's result
+            return JobReturn(overrides=sweep_overrides, status=JobStatus.FAILED, _return_value=stopped)
+
