@@ -142,6 +142,16 @@ def hydra_arguments(argv: list[str]) -> argparse.Namespace:
     return get_args_parser().parse_args(argv)
 
 
+def _check_launcher_found(target: str) -> None:
+    """A launcher class Hydra would not find: sam-runner's own (hydra_plugins/) in an editable install."""
+    from hydra.core.plugins import Plugins
+
+    if target.startswith("hydra_plugins.") and target not in Plugins.instance().class_name_to_class:
+        raise ConfigError(f"Hydra finds no launcher {target}: install sam-runner without -e (pip install "
+                          f"'.[launchers]'), or editable with --config-settings editable_mode=strict (a default "
+                          f"editable install hides Hydra plugins)")
+
+
 def preflight(args: argparse.Namespace) -> None:
     """Compose and validate every configuration the command will run, before Hydra launches anything.
 
@@ -158,6 +168,8 @@ def preflight(args: argparse.Namespace) -> None:
     search = [f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]"] if args.config_dir else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = _composed(args, fixed + search)  # as Hydra: a sweep's own config comes from the fixed overrides alone
+        if args.multirun:
+            _check_launcher_found(str(OmegaConf.select(base, "hydra.launcher._target_")))
         preset_params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if args.multirun else {}
         if preset_params:  # a preset's grid comes first; the command line's overrides of the same keys win
             _, preset = _split_overrides([f"{key}={value}" for key, value in preset_params.items()])

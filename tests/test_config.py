@@ -102,6 +102,15 @@ def test_launcher_presets_compose(name: str) -> None:
     assert cfg.hydra.launcher._target_ in Plugins.instance().class_name_to_class, "a launcher class Hydra can find"
 
 
+def test_a_launcher_hydra_cannot_find_is_one_line_before_anything_runs() -> None:
+    from sam_runner.cli import _check_launcher_found
+
+    with pytest.raises(ConfigError, match="Hydra finds no launcher hydra_plugins.sam_runner_launcher.Gone: install "
+                                          "sam-runner without -e"):
+        _check_launcher_found("hydra_plugins.sam_runner_launcher.Gone")  # what an editable install leads to
+    _check_launcher_found("hydra_plugins.sam_runner_launcher.SlurmLauncher")
+
+
 def _lrs(name: str, steps_per_epoch: int, epochs: int, **keys: object) -> list[float]:
     cfg = composed(f"scheduler={name}", *[f"scheduler.{k}={v}" for k, v in keys.items()])
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
