@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Tests run two at a time (pytest-xdist, pyproject's addopts), most of them starting sam-run processes: one
+# thread each, or idle-spinning OpenMP threads of one process slow the other's down several-fold on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after the thread count it reads)
 
 BIN = Path(sys.executable).parent
 # Tiny and fast: 256 synthetic samples, an MLP, two epochs, one cheap sharpness measure.
