@@ -33,7 +33,7 @@ from sam_runner.stopping import EXIT_INTERRUPTED, RunStopped
 
 # Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
 # job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 75 pre-empted (SIGTERM,
-# SIGUSR1: checkpointed, re-run to continue); 130 interrupted (Ctrl-C).
+# SIGUSR1, SIGUSR2: checkpointed, re-run to continue); 130 interrupted (Ctrl-C).
 EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.

@@ -35,4 +35,3 @@ class SamRunJob:
             return super().__call__(sweep_overrides, *args)  # type: ignore[misc]
         except RunStopped as stopped:  # not requeued: the sweep re-raises it when it reads this job's result
             return JobReturn(overrides=sweep_overrides, status=JobStatus.FAILED, _return_value=stopped)
-

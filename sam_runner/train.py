@@ -53,7 +53,7 @@ class Run:
     measures: list[str]  # sharpness measures taken during and at the end of the run
     logbook: Logbook
     clock: Stopwatch
-    stop: stopping.StopRequests  # SIGTERM/SIGUSR1/Ctrl-C requests, honoured between steps
+    stop: stopping.StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
     team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
 
     @property
@@ -238,7 +238,7 @@ def train_epoch(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[s
     shuffled, augmented training set, or the plan's share of it in the last epoch of a step budget.
 
     Between steps it writes the checkpoints due every `checkpoint.every_steps`, and honours a stop request
-    (SIGTERM, SIGUSR1, Ctrl-C) with a checkpoint and `RunStopped`. Returns the statistics seen while training.
+    (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C) with a checkpoint and `RunStopped`. Returns the statistics seen while training.
     """
     run.model.train()
     total = run.plan.batches_in(progress.epoch)
