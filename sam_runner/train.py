@@ -100,8 +100,7 @@ def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precis
     progress = Progress.from_state(state["progress"], device) if state else Progress()
     logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
                            purge_step=progress.logged_step + 1 if state else None)
-    logbook.write_run_info(sys.argv, config, device,
-                           resumed_at_step=progress.step if state else None)
+    logbook.write_run_info(sys.argv, config, device, resumed_at_step=progress.step if state else None)
     summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
     summary.pop("error", None)
     logbook.write_summary(summary)
@@ -238,7 +237,8 @@ def train_epoch(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[s
     shuffled, augmented training set, or the plan's share of it in the last epoch of a step budget.
 
     Between steps it writes the checkpoints due every `checkpoint.every_steps`, and honours a stop request
-    (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C) with a checkpoint and `RunStopped`. Returns the statistics seen while training.
+    (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C) with a checkpoint and `RunStopped`. Returns the statistics seen while
+    training.
     """
     run.model.train()
     total = run.plan.batches_in(progress.epoch)
