@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-import sam_runner
 from conftest import TINY, read_json, run_cli
 
 SUMMARY_KEYS = {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "status",
@@ -51,7 +51,10 @@ def test_single_run_writes_metrics_run_info_checkpoint_and_one_tensorboard_run(s
     info = read_json(sam_run_dir / "run.json")
     assert {"argv", "config", "versions", "device", "git_sha"} <= info.keys()
     assert info["config"]["optimizer"]["name"] == "sam" and info["versions"]["torch"]
-    source = Path(sam_runner.__file__).resolve().parent
+    # the sam_runner the installed sam-run imports (a test run from the checkout may import the checkout's own)
+    imported = subprocess.run([sys.executable, "-c", "import sam_runner; print(sam_runner.__file__)"],
+                              cwd=sam_run_dir, capture_output=True, text=True, check=True)
+    source = Path(imported.stdout.strip()).resolve().parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True)
     in_checkout = head.returncode == 0 and (source.parent / ".git").exists()
     assert info["git_sha"] == (head.stdout.strip() if in_checkout else None)
