@@ -29,6 +29,7 @@ from sam_runner import config as config_schema
 from sam_runner import torchrun_env
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report import FINISHED, SweepTable
+from sam_runner.slurm_launcher import JobLost
 from sam_runner.stopping import EXIT_INTERRUPTED, RunStopped
 
 # Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
@@ -247,9 +248,11 @@ def main() -> None:
         os.environ[PLAIN_RHO_ENV] = first_rho
     try:
         _hydra_job()
-    except (RunStopped, KeyboardInterrupt) as stopped:
+    except (RunStopped, JobLost, KeyboardInterrupt) as stopped:
         if SweepTable.sweep_dir is not None:  # a stop ends the whole sweep: show where every job got to
             SweepTable.show(SweepTable.sweep_dir)
+        if isinstance(stopped, JobLost):
+            _fail(stopped, code=EXIT_NOT_COMPLETED)
         if isinstance(stopped, RunStopped):
             _fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
         _fail("interrupted; the run's summary.json says so, and re-running the same command continues from its "

@@ -9,6 +9,8 @@ hydra_plugins/sam_runner_launcher, the only place Hydra looks for launcher class
   again, whose run directory it continues exactly (resume.py).
 - A job stopped otherwise (`scancel`'s SIGTERM) hands its `RunStopped` back to the sweep, which then ends as a
   local sweep does: the table, exit 75, and the same command continues it.
+- A job that ends without a result (killed with SIGKILL, out of memory, its node lost) ends the sweep command with
+  its table and one line naming the job's log (`JobLost`), instead of submitit's traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from sam_runner import torchrun_env
 from sam_runner.stopping import RunStopped
+
+
+class JobLost(BaseException):
+    """A sweep job ended without a result. A BaseException, like `RunStopped`, so that it reaches sam-run's own
+    handling (the table, one line, exit 1) rather than Hydra's traceback printer."""
 
 
 class SamRunJob:
@@ -35,3 +42,13 @@ class SamRunJob:
             return super().__call__(sweep_overrides, *args)  # type: ignore[misc]
         except RunStopped as stopped:  # not requeued: the sweep re-raises it when it reads this job's result
             return JobReturn(overrides=sweep_overrides, status=JobStatus.FAILED, _return_value=stopped)
+
+    def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+        from submitit.core.utils import UncompletedJobError
+
+        try:
+            return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+        except UncompletedJobError as error:  # submitit: "Job N (task: 0) with path ... has not produced any output"
+            reason = " ".join(str(error).split("\n")[:2])
+            raise JobLost(f"a job ended without a result (killed, out of memory, or its node lost): {reason}; "
+                          f"re-run the same command to continue it from its checkpoint") from None

@@ -6,6 +6,8 @@ as on a cluster, with pre-emption simulated by the signals SLURM and submitit se
 - SIGTERM (`scancel`): the job checkpoints and stops; the sweep ends as a local one does (its table, exit 75),
   and the same command continues the job.
 - tasks_per_node=2: one job is one DDP run over two processes (gloo), one run directory.
+- SIGKILL: the job leaves no result; the sweep command ends with its table and one line, and the same command
+  continues the job.
 """
 
 from __future__ import annotations
@@ -72,3 +74,21 @@ def test_a_job_with_two_tasks_is_one_ddp_run(workdir: Path) -> None:
     assert [line["epoch"] for line in metric_lines(job)] == [1]
     log = (job / "sam-run.log").read_text()
     assert log.count("done (completed)") == 1, "rank 1 logs only warnings"
+
+
+def test_a_job_killed_without_a_result_ends_the_sweep_with_its_table_and_one_line(workdir: Path) -> None:
+    command = [*LOCAL, *RESUMABLE, "dataset.source.num_train=512", "epochs=1", "seed=0"]
+    sweep = in_background(workdir, *command)
+    signal_jobs_once_checkpointed(workdir / "sweep", {0: signal.SIGKILL}, time.monotonic() + 180)
+    stdout, stderr = sweep.communicate(timeout=300)
+
+    assert sweep.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("sam-run: error: a job ended without a result") and "re-run the same command" in last
+    assert "Traceback" not in stderr
+    assert "running" in stdout.split("sweep sweep")[-1], "the table shows where the killed job got to"
+    again = run_cli("sam-run", *command, cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    (job,) = workdir.glob("sweep/0_*")
+    assert read_json(job / "summary.json")["status"] == "completed"
+    assert len(read_json(job / "run.json")["resumes"]) == 1
