@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from sam_runner.checkpoint import replace_atomically
 from sam_runner.errors import ConfigError, DataError
 
 
@@ -104,7 +103,7 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
     if arrays is None:
         arrays = _generate_mnist1d(num_samples, train_split, seed)
         if cache is not None:
-            replace_atomically(cache, lambda file: torch.save(arrays, file))  # a crash never leaves half a file
+            _write_cache(arrays, cache)
     return (TensorPairs(arrays["x"].float().unsqueeze(1), arrays["y"]),
             TensorPairs(arrays["x_test"].float().unsqueeze(1), arrays["y_test"]))
 
@@ -132,6 +131,15 @@ def _generate_mnist1d(num_samples: int, train_split: float, seed: int) -> dict[s
         np.random.set_state(numpy_state)
         random.setstate(python_state)
     return {key: torch.as_tensor(generated[key]) for key in _CACHE_KEYS}
+
+
+def _write_cache(arrays: dict[str, Tensor], cache: Path) -> None:
+    """Saved under a temporary name, then renamed: a run reading the cache never sees half a file (a crash that
+    leaves one behind costs a regeneration, as `_read_cache` falls back to generating)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    torch.save(arrays, temporary)
+    os.replace(temporary, cache)
 
 
 def _read_cache(cache: Path) -> dict[str, Tensor] | None:

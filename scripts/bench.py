@@ -7,7 +7,7 @@ Two measurements, each for SGD and SAM, interleaved round by round so a busy mac
 (the tables give medians over the rounds):
 - steps: one device-resident batch, stepped again and again, through `sam_runner.steps.train_step` and through a
   bare loop (`bare_sgd_step`, `bare_sam_step`): the cost of the step alone;
-- epochs: whole epochs as `sam-run` trains them (a run built by `train.build_run` from the composed config:
+- epochs: whole epochs as `sam-run` trains them (a run built by `run.build.build_run` from the composed config:
   BatchStream's gather and augmentation, the scheduler step, the on-device statistics) against a bare loop over
   the same device-resident batches with the plain step; evaluation and checkpoint seconds apart.
 The ratios the issue sets targets for (SAM/SGD step time, runner/bare epoch time) come from these medians.
@@ -40,17 +40,18 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sam_runner import checkpoint, resume, train
-from sam_runner.build import build_optimizer, compile_model, resolve_device, resolve_precision
-from sam_runner.cli import CONFIG_DIR
-from sam_runner.config import validate
-from sam_runner.distributed import World
-from sam_runner.logbook import Logbook, Stopwatch
+from sam_runner.cli.run import CONFIG_DIR
 from sam_runner.optim import SAM
-from sam_runner.progress import Progress
-from sam_runner.ranks import Team
+from sam_runner.run import checkpoint, loop, measurement, resume
+from sam_runner.run.build import Training, build_optimizer, build_run, compile_model, resolve_device, resolve_precision
+from sam_runner.run.evaluation import generalization
+from sam_runner.run.logbook import Logbook, Stopwatch
+from sam_runner.run.progress import Progress
+from sam_runner.run.spec import validate
+from sam_runner.run.stopping import StopRequests
+from sam_runner.scale.distributed import World
+from sam_runner.scale.ranks import Team
 from sam_runner.steps import train_step
-from sam_runner.stopping import StopRequests
 
 CIFAR_SHAPED = ["dataset=synthetic", "dataset.name=synthetic_cifar10", "dataset.source.num_train=50000",
                 "dataset.source.num_test=10000", "dataset.source.input_shape=[3,32,32]",
@@ -98,19 +99,19 @@ def bare_sam_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- the runner
-# The only places that reach into train.py's internals: where its signatures change, change these three.
+# The only places that reach into the run's internals (run/): where its signatures change, change these three.
 
 
-def runner_epoch(run: train.Run, epoch: int) -> dict[str, float]:
-    """One training epoch exactly as `train.fit` runs it (from the epoch's first batch, no checkpoint due)."""
-    return train.train_epoch(run, Progress(epoch=epoch), summary={})
+def runner_epoch(run: Training, epoch: int) -> dict[str, float]:
+    """One training epoch exactly as `loop.fit` runs it (from the epoch's first batch, no checkpoint due)."""
+    return loop.train_epoch(run, Progress(epoch=epoch), summary={})
 
 
-def runner_evaluation(run: train.Run) -> dict[str, float]:
-    return train.generalization(run.model, run.data, run.autocast_dtype)
+def runner_evaluation(run: Training) -> dict[str, float]:
+    return generalization(run.model, run.data, run.autocast_dtype)
 
 
-def runner_checkpoint(run: train.Run, epoch: int, path: Path) -> None:
+def runner_checkpoint(run: Training, epoch: int, path: Path) -> None:
     checkpoint.save_atomic(resume.checkpoint_state(run, Progress(epoch=epoch + 1), summary={}), path)
 
 
@@ -170,7 +171,7 @@ class Contender:
         self.precision = resolve_precision(self.settings.precision.value, self.device)
         self.run_dir = run_dir / name
         self.logbook = Logbook(self.run_dir, {})
-        self.run = train.build_run(self.cfg, self.settings, self.precision, Team(World(device=self.device)),
+        self.run = build_run(self.cfg, self.settings, self.precision, Team(World(device=self.device)),
                                    self.logbook, Stopwatch(), StopRequests())
         self.flops = training_flops(self.run.model, *next(iter(self.run.data.train.epoch(0))))
         self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    train.SHOW_PROGRESS = False  # no progress bars: their host syncs would depend on whether stderr is a terminal
+    loop.SHOW_PROGRESS = measurement.SHOW_PROGRESS = False  # no progress bars: their host syncs would depend on whether stderr is a terminal
     with tempfile.TemporaryDirectory(prefix="sam-bench-") as scratch:
         contenders = {name: Contender(name, args, Path(scratch)) for name in OPTIMIZERS}
         for contender in contenders.values():

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, read_json, run_cli
 
 SUMMARY_KEYS = {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "status",
@@ -192,13 +191,13 @@ def test_a_clashing_combination_in_a_sweep_stops_it_before_any_run(workdir: Path
     ["model=custom", "model._target_=sam_runner.models.mlp,sam_runner.models.cnn1d"],  # _target_ needs model=custom
 ])
 def test_valid_sweeps_whose_values_need_each_other_pass_the_preflight(argv: list[str]) -> None:
-    from sam_runner.cli import hydra_arguments, preflight
+    from sam_runner.cli.run import hydra_arguments, preflight
 
     preflight(hydra_arguments(["-m", *argv]))
 
 
 def test_the_preflight_builds_jobs_as_hydras_basic_sweeper_does() -> None:
-    from sam_runner.cli import _jobs, _split_overrides
+    from sam_runner.cli.run import _jobs, _split_overrides
 
     fixed, by_key = _split_overrides(["batch_size=16,256", "seed=0", "rho=interval(0.01,0.5)", "+x=1", "seed=3"])
     assert fixed == ["seed=0", "+x=1", "seed=3"]
@@ -306,7 +305,7 @@ def test_image_model_with_batchnorm_and_augmentation_trains_under_sam(workdir: P
 
 
 def test_sweep_job_directories_stay_short_and_distinct_however_many_overrides() -> None:
-    from sam_runner.cli import JOB_NAME_LIMIT, job_dirname
+    from sam_runner.cli.run import JOB_NAME_LIMIT, job_dirname
 
     assert job_dirname("optimizer/base=adamw,rho=0.1") == "optimizer-base=adamw,rho=0.1"
     long = ",".join(f"key{i}.sub=value{i}" for i in range(30))

@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, read_json, run_cli
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import TINY, read_json, run_cli
 from sam_runner import sharpness
-from sam_runner.build import batch_sizes, build_data, compile_model
-from sam_runner.cli import CONFIG_DIR
-from sam_runner.config import validate
+from sam_runner.cli.run import CONFIG_DIR
 from sam_runner.errors import ConfigError
-from sam_runner.logbook import Stopwatch
 from sam_runner.optim import SAM
+from sam_runner.run.build import batch_sizes, build_data, compile_model
+from sam_runner.run.evaluation import evaluate
+from sam_runner.run.logbook import Stopwatch
+from sam_runner.run.spec import validate
 from sam_runner.steps import train_step
-from sam_runner.train import evaluate
 
 
 class GraphCounter:

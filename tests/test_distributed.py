@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_runner import distributed
 from sam_runner.data import BatchStream
-from sam_runner.distributed import RankShare, World, shard
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
+from sam_runner.scale import distributed
+from sam_runner.scale.distributed import RankShare, World, shard
 from sam_runner.steps import train_step
 
 WORLD_SIZE = 2

@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import torch
-
 from conftest import TINY, read_json, run_cli
 
 EXPLODING_MODEL = textwrap.dedent("""

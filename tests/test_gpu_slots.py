@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_runner import gpu_slots
+from sam_runner.scale import gpu_slots
 
 
 def test_the_first_jobs_get_distinct_gpus_then_share_them_up_to_jobs_per_gpu(tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, read_json, run_cli
 from torch import nn
 
-from conftest import TINY, read_json, run_cli
-from sam_runner import landscape, saved_run
 from sam_runner.data import BatchStream
-from sam_runner.train import evaluate
+from sam_runner.report import landscape, saved_run
+from sam_runner.run.evaluation import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path
 
 
 def own_metrics(run_dir: Path) -> dict[str, float]:
-    """The run's own losses and accuracies, computed apart from landscape: its checkpoint, train.evaluate."""
+    """The run's own losses and accuracies, computed apart from landscape: its checkpoint, run/evaluation.evaluate."""
     run = saved_run.load(run_dir)
     train_loss, train_acc = evaluate(run.model, run.data.train_eval, None)
     test_loss, test_acc = evaluate(run.model, run.data.test, None)

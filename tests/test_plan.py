@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, read_json, run_cli
 from hydra import compose, initialize_config_dir
 
-from conftest import TINY, read_json, run_cli
-from sam_runner.build import build_data
-from sam_runner.cli import CONFIG_DIR, objective
-from sam_runner.config import validate
+from sam_runner.cli.run import CONFIG_DIR, objective
 from sam_runner.errors import ConfigError
-from sam_runner.plan import at_chance, make_plan, protocol_name, scaled_lr
+from sam_runner.run.build import build_data
+from sam_runner.run.plan import at_chance, make_plan, protocol_name, scaled_lr
+from sam_runner.run.spec import validate
 
 
 def settings(*overrides: str):

@@ -15,16 +15,26 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from omegaconf import OmegaConf
 from scipy import stats
 
-from conftest import run_cli
 from sam_runner import sharpness
-from sam_runner.report import (MEASURE_ORDER, RADIUS_FREE_MEASURES, RADIUS_MEASURES, ReportError, SweepTable, collect,
-                               find_runs, format_table, optimizer_label, sharpness_columns)
-from sam_runner.report_files import write_report
-from sam_runner.report_plots import _lines
-from sam_runner.report_stats import correlations, group_runs
+from sam_runner.report.plots import _lines
+from sam_runner.report.runs import (
+    MEASURE_ORDER,
+    RADIUS_FREE_MEASURES,
+    RADIUS_MEASURES,
+    ReportError,
+    SweepTable,
+    collect,
+    find_runs,
+    format_table,
+    optimizer_label,
+    sharpness_columns,
+)
+from sam_runner.report.stats import correlations, group_runs
+from sam_runner.report.writer import write_report
 
 PROTOCOL = "same lr, 30 epochs, stop at train acc 0.99"
 

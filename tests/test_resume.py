@@ -214,7 +214,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_its_summary_says_so(workdir: 
 
 
 def test_sigusr1_and_sigterm_ask_for_preemption_and_a_second_ctrl_c_stops_at_once() -> None:
-    from sam_runner.stopping import EXIT_PREEMPTED, stop_requests
+    from sam_runner.run.stopping import EXIT_PREEMPTED, stop_requests
 
     before = signal.getsignal(signal.SIGTERM)
     with stop_requests() as requests:
@@ -237,7 +237,7 @@ def test_a_scheduler_handler_runs_after_the_stop_and_the_stop_survives_pickling(
     """submitit's handler of its signal (SIGUSR2) requeues a SLURM job: it must run, once, after the checkpoint."""
     import pickle
 
-    from sam_runner.stopping import RunStopped, stop_requests
+    from sam_runner.run.stopping import RunStopped, stop_requests
 
     calls: list[tuple[int, str]] = []
     previous = signal.signal(signal.SIGUSR2, lambda number, frame: calls.append((number, "scheduler")))
@@ -257,8 +257,8 @@ def test_a_scheduler_handler_runs_after_the_stop_and_the_stop_survives_pickling(
         signal.signal(signal.SIGUSR2, previous)
 
 def test_a_claimed_run_directory_is_refused_to_a_second_claim_and_leftovers_are_removed(tmp_path: Path) -> None:
-    from sam_runner import rundir
     from sam_runner.errors import ConfigError
+    from sam_runner.run import rundir
 
     (tmp_path / "checkpoints").mkdir()
     leftovers = [tmp_path / "checkpoints" / ".last.pt.x1y2.tmp", tmp_path / ".summary.json.abc.tmp"]
@@ -276,7 +276,7 @@ def test_a_claimed_run_directory_is_refused_to_a_second_claim_and_leftovers_are_
 
 
 def test_config_differences_name_every_changed_key_except_the_harmless_ones() -> None:
-    from sam_runner.resume import config_differences
+    from sam_runner.run.resume import config_differences
 
     earlier = {"lr": 0.1, "optimizer": {"sam": {"rho": 0.05}, "name": "sam"}, "data_dir": "data", "resume": True,
                "hidden": [100, 100]}
@@ -288,7 +288,7 @@ def test_config_differences_name_every_changed_key_except_the_harmless_ones() ->
 
 
 def test_the_stopwatch_counts_a_nested_phase_once_and_carries_over_a_resume(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sam_runner import logbook
+    from sam_runner.run import logbook
 
     now = [100.0]
     monkeypatch.setattr(logbook.time, "perf_counter", lambda: now[0])
@@ -316,27 +316,27 @@ def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_me
     """In process: the measurement is where the end of a run spends its time, so a kill lands there often."""
     from hydra import compose, initialize_config_dir
 
-    from sam_runner import train
-    from sam_runner.cli import CONFIG_DIR
+    from sam_runner.cli.run import CONFIG_DIR
+    from sam_runner.run import experiment, loop
 
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=TINY)
-    train.run_experiment(cfg, tmp_path / "reference")
-    measure = train.measure
+    experiment.run_experiment(cfg, tmp_path / "reference")
+    measure = loop.measure
 
     def killed(*args: Any, **kwargs: Any) -> None:
         raise SystemExit(137)  # as `kill -9` mid-measurement: nothing of the run's own handling runs
 
-    monkeypatch.setattr(train, "measure", killed)
+    monkeypatch.setattr(loop, "measure", killed)
     with pytest.raises(SystemExit):
-        train.run_experiment(cfg, tmp_path / "run")
+        experiment.run_experiment(cfg, tmp_path / "run")
     assert read_json(tmp_path / "run" / "summary.json")["status"] != "completed"
     assert [line["epoch"] for line in metric_lines(tmp_path / "run")] == [1], "the measured epoch is not logged yet"
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert (state["progress"]["epoch"], state["progress"]["batch"], state["epoch"]) == (1, 4, 2)
-    monkeypatch.setattr(train, "measure", measure)
-    train.run_experiment(cfg, tmp_path / "run")
+    monkeypatch.setattr(loop, "measure", measure)
+    experiment.run_experiment(cfg, tmp_path / "run")
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 

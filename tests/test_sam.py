@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from sam_runner.build import build_optimizer
-from sam_runner.cli import CONFIG_DIR
+from sam_runner.cli.run import CONFIG_DIR
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
+from sam_runner.run.build import build_optimizer
 
 # ---------------------------------------------------------------------------------------------------------
 # A least-squares model with closed-form gradients: L(W, b) = ½·mean_n ‖W xₙ + b − yₙ‖².

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_runner.optim import SAM
 from sam_runner import steps
+from sam_runner.optim import SAM
 from sam_runner.steps import train_step
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from importlib.util import find_spec
 if find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
-    from sam_runner.slurm_launcher import SamRunJob
+    from sam_runner.scale.slurm import SamRunJob
 
     class SlurmLauncher(SamRunJob, submitit_launcher.SlurmLauncher):
         """`hydra/launcher=slurm`: each sweep job on SLURM."""

@@ -19,8 +19,8 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 
-from sam_runner import torchrun_env
-from sam_runner.stopping import RunStopped
+from sam_runner.run.stopping import RunStopped
+from sam_runner.scale import torchrun_env
 
 
 class JobLost(BaseException):

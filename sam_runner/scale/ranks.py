@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sam_runner import distributed, rundir
-from sam_runner.distributed import World
 from sam_runner.errors import SamRunnerError, describe_unforeseen
-from sam_runner.logbook import Logbook
-from sam_runner.progress import StepTotals
-from sam_runner.stopping import StopRequests
+from sam_runner.run import rundir
+from sam_runner.run.logbook import Logbook
+from sam_runner.run.progress import StepTotals
+from sam_runner.run.stopping import StopRequests
+from sam_runner.scale import distributed
+from sam_runner.scale.distributed import World
 
 Result = TypeVar("Result")
 PER_STEP = ("grad_norm", "perturbation_norm", "skipped")  # StepTotals sums of per-step values: averaged over ranks

@@ -26,12 +26,12 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sam_runner import saved_run
 from sam_runner.data import BatchStream
 from sam_runner.errors import SamRunnerError
-from sam_runner.logbook import read_summary
-from sam_runner.saved_run import SavedRun
-from sam_runner.train import evaluate
+from sam_runner.report import saved_run
+from sam_runner.report.saved_run import SavedRun
+from sam_runner.run.evaluation import evaluate
+from sam_runner.run.logbook import read_summary
 
 __all__ = ["BN_STATS", "METRICS", "LandscapeError", "filter_normalized_direction", "recompute_batchnorm", "run_labels",
            "directions", "interpolation"]

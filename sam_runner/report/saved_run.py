@@ -6,20 +6,17 @@
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sam_runner import checkpoint
-from sam_runner.build import Data, build_data, build_model, resolve_device
-from sam_runner.config import validate
 from sam_runner.errors import CheckpointError
+from sam_runner.run import checkpoint
+from sam_runner.run.build import Data, build_data, build_model, resolve_device, seed_everything
+from sam_runner.run.spec import validate
 
 
 @dataclass
@@ -32,12 +29,6 @@ class SavedRun:
     data: Data
     model: nn.Module
     state: dict[str, Any]  # the checkpoint dict (epoch, step, optimizer, ...)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
 
 
 def load(run_dir: Path, *, checkpoint_path: Path | None = None, overrides: dict[str, Any] | None = None

@@ -25,12 +25,12 @@ from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sam_runner import config as config_schema
-from sam_runner import torchrun_env
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
-from sam_runner.report import FINISHED, SweepTable
-from sam_runner.slurm_launcher import JobLost
-from sam_runner.stopping import EXIT_INTERRUPTED, RunStopped
+from sam_runner.report.runs import FINISHED, SweepTable
+from sam_runner.run import spec as config_schema
+from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped
+from sam_runner.scale import torchrun_env
+from sam_runner.scale.slurm import JobLost
 
 # Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
 # job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 75 pre-empted (SIGTERM,
@@ -43,7 +43,7 @@ PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
 
 def _config_dir() -> str:
     """configs/ ships inside the package (pip install .) or sits beside it in the repository (pip install -e .)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / "configs", package.parent / "configs"):
         if (candidate / "config.yaml").is_file():
             return str(candidate)
@@ -189,7 +189,7 @@ def preflight(args: argparse.Namespace) -> None:
             # before Hydra writes .hydra/ into a directory that holds another run; under torchrun rank 0 checks
             # for all (it may hold the run's lock already when another process gets here)
             if not args.multirun and torchrun_env.launched_rank() == 0:
-                from sam_runner import resume  # loads torch: not for `--help`
+                from sam_runner.run import resume  # loads torch: not for `--help`
                 task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
                 resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
                                            resume=bool(cfg.resume))
@@ -211,14 +211,15 @@ def objective(summary: dict[str, Any]) -> float | None:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _hydra_job(cfg: DictConfig) -> float | None:
     """One Hydra job = one run. Returns its `objective` for Hydra sweepers."""
-    from sam_runner import gpu_slots, train  # imported here so `sam-run --help` stays fast
+    from sam_runner.run.experiment import run_experiment
+    from sam_runner.scale import gpu_slots  # imported here so `sam-run --help` stays fast
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
         with gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
                                   Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
-            summary = train.run_experiment(cfg, Path(hydra_config.runtime.output_dir),
+            summary = run_experiment(cfg, Path(hydra_config.runtime.output_dir),
                                            choices=dict(hydra_config.runtime.choices),
                                            plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
     except Exception as error:  # any class: the run's summary.json says failed, and a sweep goes on
@@ -271,10 +272,10 @@ def measure_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, help="training samples to measure on (default: the run's setting)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: the run's device)")
     args = parser.parse_args(argv)
-    from sam_runner import train
+    from sam_runner.report.remeasure import measure_checkpoint
 
     try:
-        result = train.measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
+        result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
                                           rho=args.rho, num_samples=args.num_samples, device=args.device)
     except SamRunnerError as error:
         _fail(error, "sam-measure")
@@ -310,7 +311,7 @@ def landscape_main(argv: list[str] | None = None) -> None:
         parser.error("--bn-stats applies only with --interpolate (a direction leaves BatchNorm statistics as trained)")
     import warnings
 
-    from sam_runner import landscape
+    from sam_runner.report import landscape
 
     warnings.formatwarning = lambda message, *_: f"sam-landscape: warning: {message}\n"
     given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
@@ -336,8 +337,8 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-pictures", action="store_true",
                         help="skip the flatness pictures of a small/large-batch pair (they read checkpoints)")
     args = parser.parse_args(argv)
-    from sam_runner.report import ReportError  # imported here so `sam-report --help` stays fast
-    from sam_runner.report_files import write_report
+    from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
+    from sam_runner.report.writer import write_report
 
     try:
         report = write_report(args.paths, args.out, pictures=not args.no_pictures)

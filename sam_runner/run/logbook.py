@@ -11,6 +11,7 @@ import math
 import platform
 import socket
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from sam_runner.checkpoint import strict_json, write_json_atomic
+from sam_runner.run.checkpoint import strict_json, write_json_atomic
+
+SHOW_PROGRESS = sys.stderr.isatty()  # bars only for a person at a terminal, never in logs or CI
 
 # Final metrics shown in TensorBoard's HParams table (summary.json key -> scalar tag).
 HPARAM_METRICS = {"train_acc": "train/acc", "test_acc": "test/acc", "gap_acc": "gap/acc",
@@ -90,7 +93,7 @@ def _git_sha() -> str | None:
 
     An installed copy inside some other repository (a venv in a project) must not report that project's commit.
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     try:
         result = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
                                 text=True, timeout=5, check=False)

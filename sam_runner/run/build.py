@@ -7,9 +7,11 @@ User plug-ins arrive here as `_target_`s: errors locating or calling them become
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.errors import InstantiationException
@@ -20,10 +22,13 @@ from torch import nn
 from sam_runner.data import BatchStream, infer_num_classes, materialize
 from sam_runner.errors import ConfigError, DataError
 from sam_runner.optim import SAM
+from sam_runner.run.logbook import Logbook, Stopwatch
+from sam_runner.run.measurement import measures_for
+from sam_runner.run.plan import RunPlan, make_plan
+from sam_runner.run.stopping import StopRequests
+from sam_runner.scale import distributed
+from sam_runner.scale.ranks import Team
 from sam_runner.steps import frozen_batchnorm_stats
-
-if TYPE_CHECKING:
-    from sam_runner.logbook import Stopwatch
 
 log = logging.getLogger("sam_runner")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -248,3 +253,63 @@ def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_pe
 def target_name(node: DictConfig) -> str:
     """A short name for a `_target_` node: the last part of its dotted path."""
     return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+@dataclass
+class Training:
+    """Everything one run needs, built once from its config, so `fit` reads as a loop rather than a switchboard."""
+
+    settings: DictConfig
+    plan: RunPlan
+    data: Data
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    autocast_dtype: torch.dtype | None
+    micro_batch_size: int | None  # SAM's m-sharpness chunk; None: the whole batch
+    measures: list[str]  # sharpness measures taken during and at the end of the run
+    logbook: Logbook
+    clock: Stopwatch
+    stop: StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
+    team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
+
+    @property
+    def network(self) -> nn.Module:
+        """The model outside DDP's wrapper: evaluation, sharpness and checkpoints use it (no collectives inside,
+        no 'module.' prefix in the state)."""
+        return distributed.unwrap(self.model)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators (every CUDA device's too): model init and dropout draw
+    from them."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team, logbook: Logbook,
+              clock: Stopwatch, stop: StopRequests) -> Training:
+    """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
+    seed_everything(settings.seed)
+    data = team.main_first(build_data, cfg, settings, team.device)  # rank 0 downloads, the others read
+    sam = cfg.optimizer.sam
+    micro_batch_size = sam.micro_batch_size if sam is not None else None
+    distributed.check_setup(team.world, batch_size=settings.batch_size, num_samples=data.train.num_samples,
+                            sam_mode=settings.ddp.sam_mode.value, sync_batchnorm=settings.ddp.sync_batchnorm,
+                            compile=settings.compile, micro_batch_size=micro_batch_size)
+    plan = make_plan(settings, len(data.train))
+    model = build_model(cfg.model, data.num_classes, data.input_shape).to(team.device)
+    if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
+        compile_model(model, data, AUTOCAST_DTYPES[precision], cfg.optimizer.sam, clock)
+    optimizer = build_optimizer(cfg.optimizer, settings.rho, plan.lr, model)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
+    model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)
+    return Training(settings=settings, plan=plan, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler(team.device.type) if precision == "fp16" else None,
+               criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
+               autocast_dtype=AUTOCAST_DTYPES[precision],
+               micro_batch_size=micro_batch_size, measures=measures_for(model, settings), logbook=logbook,
+               clock=clock, stop=stop, team=team)

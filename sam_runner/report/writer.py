@@ -13,12 +13,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sam_runner import report_plots
-from sam_runner.report import (HPARAM_KEYS, GROUP_KEYS, OUTCOME_KEYS, ReportError, Run, error_notes, find_runs,
-                               finite, format_measure, format_metric, has_target, markdown_table, measured_columns,
-                               optimizer_label, protocols, run_table, setting_cell, setting_columns)
-from sam_runner.report_stats import (GROUP_METRICS, TARGET_METRICS, Correlation, Group, Stat, batch_sizes,
-                                     correlations, group_runs)
+from sam_runner.report import plots as report_plots
+from sam_runner.report.runs import (
+    GROUP_KEYS,
+    HPARAM_KEYS,
+    OUTCOME_KEYS,
+    ReportError,
+    Run,
+    error_notes,
+    find_runs,
+    finite,
+    format_measure,
+    format_metric,
+    has_target,
+    markdown_table,
+    measured_columns,
+    optimizer_label,
+    protocols,
+    run_table,
+    setting_cell,
+    setting_columns,
+)
+from sam_runner.report.stats import (
+    GROUP_METRICS,
+    TARGET_METRICS,
+    Correlation,
+    Group,
+    Stat,
+    batch_sizes,
+    correlations,
+    group_runs,
+)
 
 ACCURACY_LIKE = (*GROUP_METRICS, "test_loss", "val_loss")  # formatted with four decimals, the rest with 4 digits
 NESTED_KEYS = ("sharpness", "measurements")  # their values are in the sharpness columns
@@ -106,7 +131,7 @@ def flatness_pair(runs: list[Run]) -> tuple[Run, Run] | None:
 
 def _flatness_section(runs: list[Run], out_dir: Path) -> tuple[list[str], list[Path]]:
     """Keskar's interpolation between one small/large-batch pair, and both along a filter-normalized direction."""
-    from sam_runner import landscape  # loads torch: only when a report pictures checkpoints
+    from sam_runner.report import landscape  # loads torch: only when a report pictures checkpoints
 
     pair = flatness_pair(runs)
     if pair is None:

@@ -14,19 +14,17 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from sam_runner import checkpoint, rundir
-from sam_runner.distributed import World
 from sam_runner.errors import CheckpointError, ConfigError
-from sam_runner.logbook import read_summary
-from sam_runner.progress import Progress
-
-if TYPE_CHECKING:
-    from sam_runner.train import Run
+from sam_runner.run import checkpoint, rundir
+from sam_runner.run.build import Training
+from sam_runner.run.logbook import read_summary
+from sam_runner.run.progress import Progress
+from sam_runner.scale.distributed import World
 
 log = logging.getLogger("sam_runner")
 
@@ -127,7 +125,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def checkpoint_state(run: Run, progress: Progress, summary: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_state(run: Training, progress: Progress, summary: dict[str, Any]) -> dict[str, Any]:
     """Everything an exact continuation needs (the data order is not stored: it is a function of (seed, epoch)).
 
     Under DDP a collective: `ranks` holds every process's own random generators and epoch statistics so far.
@@ -154,7 +152,7 @@ def own_share(state: dict[str, Any], world: World) -> dict[str, Any]:
     return {**state, "rng": own["rng"], "progress": {**state["progress"], "totals": own["totals"]}}
 
 
-def restore(run: Run, state: dict[str, Any]) -> Progress:
+def restore(run: Training, state: dict[str, Any]) -> Progress:
     """Load a checkpoint's weights, optimizer, schedule and random generators into `run`; return its progress."""
     try:
         run.network.load_state_dict(state["model"])

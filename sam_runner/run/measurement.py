@@ -1,0 +1,55 @@
+"""Sharpness measurements of a run's weights, as records: the values with everything needed to compare them.
+
+The loop measures during and at the end of training; `sam-measure` (report/remeasure.py) measures a saved
+checkpoint again. Both write the same record into summary.json's `measurements`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from sam_runner import sharpness
+from sam_runner.run.logbook import SHOW_PROGRESS
+from sam_runner.run.spec import sharpness_measures, sharpness_options
+
+log = logging.getLogger("sam_runner")
+
+
+def measures_for(model: nn.Module, settings: DictConfig) -> list[str]:
+    chosen = sharpness_measures(settings.sharpness.measures)
+    return sharpness.default_measures(model) if chosen == "auto" else chosen
+
+
+def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: list[str],
+            settings: DictConfig, *, epoch: int, step: int, source: str) -> dict[str, Any]:
+    """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode).
+
+    Returns a measurement record: the values with everything needed to compare them (radius, samples, every
+    option with its default filled in, the model mode, where in training and by what it was taken).
+    """
+    started = time.perf_counter()
+    options = sharpness_options(settings.sharpness.options)
+    values = sharpness.measure(model, nn.CrossEntropyLoss(), batches, rho=settings.sharpness.rho,
+                               measures=measures, seed=settings.seed, progress=SHOW_PROGRESS, **options)
+    seconds = time.perf_counter() - started
+    log.info("sharpness at epoch %d, step %d (%.1fs): %s", epoch, step, seconds,
+             ", ".join(f"{name} {value:.4g}" for name, value in values.items()))
+    resolved = {key: value for key, value in asdict(sharpness.Options(**options)).items() if key != "progress"}
+    return {"rho": settings.sharpness.rho, "num_samples": sum(len(targets) for _, targets in batches),
+            "batch_size": settings.sharpness.batch_size, "measures": measures, "options": resolved,
+            "model_mode": "eval", "seed": settings.seed, "epoch": epoch, "step": step, "source": source,
+            "time_s": seconds, "values": values}
+
+
+def add_measurement(summary: dict[str, Any], record: dict[str, Any]) -> None:
+    """Keep every measurement; `sharpness` holds the run's own latest values (sam-measure never replaces them)."""
+    summary["measurements"] = [*summary.get("measurements", []), record]
+    if record["source"] == "sam-run" or "sharpness" not in summary:
+        summary["sharpness"] = record["values"]
