@@ -1,12 +1,15 @@
 """Sharpness-Aware Minimization (Foret et al. 2021) and its adaptive form ASAM (Kwon et al. 2021).
 
-`SAM` wraps a base optimizer: `first_step` moves w to w + ε, the caller recomputes the gradient there, and
-`second_step` puts w back exactly and lets the base optimizer step with that gradient. The math is in
+`SAM` wraps a base optimizer. One SAM step: the gradient g at w is there; `perturbed()` moves w to w + ε(g) for
+its body, in which the caller computes the gradient at w + ε, and puts w back exactly when the body ends; then the
+base optimizer steps with that gradient. `step(closure)` (and the trainer's step, steps.py) run exactly this
+sequence; `first_step`/`second_step` are its two halves for users who drive it by hand. The math is in
 docs/sam.md; the bugs of the popular PyTorch port this fixes are listed there too.
 """
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -166,6 +169,16 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_copy_(params, saved)
         self._perturbed = []
 
+    @contextmanager
+    def perturbed(self) -> Iterator[None]:
+        """The body runs at w + ε, ε taken from the gradients now in `.grad` (which are cleared for the body to
+        compute the gradient at w + ε); w is restored exactly when the body ends, also when it raises."""
+        self.first_step(zero_grad=True)
+        try:
+            yield
+        finally:
+            self.restore()
+
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w, then let the base optimizer step with the gradient taken at w + ε."""
@@ -185,10 +198,9 @@ class SAM(torch.optim.Optimizer):
                 "SAM.step needs a closure that recomputes the loss and calls backward(); "
                 "or call first_step() and second_step() yourself"
             )
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
+        with self.perturbed(), torch.enable_grad():
             loss = closure()
-        self.second_step()
+        self.base_optimizer.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ one inside GradScaler.step, which must know whether to skip (fp16 only).
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,17 +21,42 @@ from sam_runner.optim import SAM, global_norm
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
 
+@dataclass(frozen=True)
+class Statistic:
+    """How the trainer sums one StepResult field over an epoch, and the metric its mean is logged as.
+
+    `per`: "sample" divides the epoch's sum by the samples seen, "step" by the steps taken, "epoch" keeps the sum.
+    `batch_mean`: the step reports a mean over its batch, so it is weighted by the batch size before summing.
+    Over the processes of a DDP run, "sample" sums add up; the others are averaged (ranks.py).
+    """
+
+    metric: str
+    per: str
+    batch_mean: bool = False
+
+
+def _statistic(metric: str, per: str, batch_mean: bool = False, **options: Any) -> Any:
+    return field(metadata={"statistic": Statistic(metric, per, batch_mean)}, **options)
+
+
 @dataclass
 class StepResult:
-    """What one step measured; all 0-dim detached device tensors."""
+    """What one step measured; all 0-dim detached device tensors. A new per-step statistic is one field here."""
 
-    loss: Tensor  # mean criterion at clean weights (first pass)
-    correct: Tensor  # number of correct argmax predictions at clean weights
-    grad_norm: Tensor  # global L2 norm of the gradient the base optimizer steps with, before clipping
-    perturbed_loss: Tensor | None = None  # SAM only: mean criterion at w + ε
-    perturbed_correct: Tensor | None = None
-    perturbation_norm: Tensor | None = None  # SAM only: ‖ε‖₂ (mean over micro-batches with m-sharpness)
-    skipped: Tensor | None = None  # fp16 only: 1.0 if the GradScaler skipped this step (non-finite grads)
+    loss: Tensor = _statistic("train/loss_seen", "sample", batch_mean=True)  # mean criterion at clean weights
+    correct: Tensor = _statistic("train/acc_seen", "sample")  # correct argmax predictions at clean weights
+    # global L2 norm of the gradient the base optimizer steps with, before clipping
+    grad_norm: Tensor = _statistic("opt/grad_norm", "step")
+    perturbed_loss: Tensor | None = _statistic("train/loss_perturbed", "sample", batch_mean=True,
+                                               default=None)  # SAM only: mean criterion at w + ε
+    perturbed_correct: Tensor | None = _statistic("train/acc_perturbed", "sample", default=None)
+    # SAM only: ‖ε‖₂ (mean over micro-batches with m-sharpness)
+    perturbation_norm: Tensor | None = _statistic("opt/perturbation_norm", "step", default=None)
+    # fp16 only: 1.0 if the GradScaler skipped this step (non-finite grads)
+    skipped: Tensor | None = _statistic("opt/skipped_steps", "epoch", default=None)
+
+
+STATISTICS: dict[str, Statistic] = {item.name: item.metadata["statistic"] for item in fields(StepResult)}
 
 
 def train_step(
@@ -115,19 +141,18 @@ def _sam_step(
             _backward(loss, scaler, weight=loss_weight)
         if inv_scale is not None:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
-        optimizer.first_step(zero_grad=True)
-        gate = None
-        if scaler is not None:
-            # A non-finite clean-pass gradient must skip the whole step. Multiplying the perturbed loss by
-            # NaN (else exactly 1) makes the second-pass gradient non-finite, so GradScaler's own check
-            # skips the base step and lowers the scale; no host sync needed here.
-            gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
-        if rng_state is not None:  # the perturbed pass draws the clean pass's dropout masks again
-            _set_rng_state(x.device, rng_state)
-        with frozen_batchnorm_stats(model):  # around backward too: autograd checks the buffers' versions
+        # w is restored after the perturbed backward, which still needs the perturbed weights
+        with optimizer.perturbed(), frozen_batchnorm_stats(model):  # BatchNorm: around backward too (versions)
+            gate = None
+            if scaler is not None:
+                # A non-finite clean-pass gradient must skip the whole step. Multiplying the perturbed loss by
+                # NaN (else exactly 1) makes the second-pass gradient non-finite, so GradScaler's own check
+                # skips the base step and lowers the scale; no host sync needed here.
+                gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
+            if rng_state is not None:  # the perturbed pass draws the clean pass's dropout masks again
+                _set_rng_state(x.device, rng_state)
             perturbed_loss, perturbed_correct = _forward(model, x, y, criterion, autocast_dtype)
             _backward(perturbed_loss, scaler, gate, loss_weight)
-        optimizer.restore()  # after backward: autograd still needed the perturbed weights
         if len(chunks) > 1:
             _accumulate(accumulated, params, weight)
         totals["loss"] += weight * loss.detach()

@@ -9,14 +9,12 @@ from typing import Any
 
 import torch
 
-from sam_runner.steps import StepResult
+from sam_runner.steps import STATISTICS, StepResult
 
 
 class StepTotals:
-    """Sums of per-step statistics, kept on the device until the epoch ends (one host sync per epoch)."""
-
-    NAMES = ("loss", "correct", "grad_norm", "perturbed_loss", "perturbed_correct", "perturbation_norm", "skipped")
-    PER_SAMPLE = ("loss", "perturbed_loss")  # batch means: weighted by batch size; the others are summed as they are
+    """Sums of per-step statistics (steps.STATISTICS says how each is summed and averaged), kept on the device
+    until the epoch ends (one host sync per epoch)."""
 
     def __init__(self, sums: dict[str, torch.Tensor] | None = None, samples: int = 0, steps: int = 0) -> None:
         self.sums: dict[str, torch.Tensor] = dict(sums or {})
@@ -24,25 +22,19 @@ class StepTotals:
         self.steps = steps
 
     def add(self, result: StepResult, batch_size: int) -> None:
-        for name in self.NAMES:
+        for name, statistic in STATISTICS.items():
             value = getattr(result, name)
             if value is not None:
-                contribution = value.detach().float() * (batch_size if name in self.PER_SAMPLE else 1)
+                contribution = value.detach().float() * (batch_size if statistic.batch_mean else 1)
                 self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
         self.samples += batch_size
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        sums = {name: float(value) for name, value in self.sums.items()}  # the epoch's one host sync
-        metrics = {"train/loss_seen": sums["loss"] / self.samples, "train/acc_seen": sums["correct"] / self.samples,
-                   "opt/grad_norm": sums["grad_norm"] / self.steps}
-        if "perturbed_loss" in sums:
-            metrics.update({"train/loss_perturbed": sums["perturbed_loss"] / self.samples,
-                            "train/acc_perturbed": sums["perturbed_correct"] / self.samples,
-                            "opt/perturbation_norm": sums["perturbation_norm"] / self.steps})
-        if "skipped" in sums:  # fp16: steps the GradScaler skipped for non-finite gradients
-            metrics["opt/skipped_steps"] = sums["skipped"]
-        return metrics
+        """Metric -> the epoch's mean, for every statistic the steps reported (SAM's and fp16's only with them)."""
+        divisors = {"sample": self.samples, "step": self.steps, "epoch": 1}
+        return {STATISTICS[name].metric: float(self.sums[name]) / divisors[STATISTICS[name].per]  # host sync
+                for name in STATISTICS if name in self.sums}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": {name: value.cpu() for name, value in self.sums.items()}, "samples": self.samples,

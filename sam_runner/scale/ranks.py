@@ -25,9 +25,9 @@ from sam_runner.run.progress import StepTotals
 from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.distributed import World
+from sam_runner.steps import STATISTICS
 
 Result = TypeVar("Result")
-PER_STEP = ("grad_norm", "perturbation_norm", "skipped")  # StepTotals sums of per-step values: averaged over ranks
 
 
 class Team:
@@ -101,7 +101,8 @@ class Team:
                            [torch.tensor(float(totals.samples), dtype=torch.float64, device=self.device)])
         summed = distributed.all_reduce_sum(flat, self.world)
         size = self.world.world_size
-        sums = {name: (value / size if name in PER_STEP else value).float() for name, value in zip(names, summed)}
+        sums = {name: (value if STATISTICS[name].per == "sample" else value / size).float()
+                for name, value in zip(names, summed)}
         return StepTotals(sums, samples=round(float(summed[-1])), steps=totals.steps)
 
     def gather(self, part: dict[str, Any]) -> list[dict[str, Any]] | None:
