@@ -214,6 +214,14 @@ def materialize(dataset: Dataset, device: torch.device | str | None = None) -> t
     return inputs.to(device=device, dtype=torch.float32), targets.to(device=device, dtype=torch.long).reshape(-1)
 
 
+def seeded_subset(inputs: Tensor, targets: Tensor, size: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """`size` samples chosen by `seed` (a CPU generator: the same choice on every device), or all of them."""
+    if size is None or size >= len(targets):
+        return inputs, targets
+    chosen = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:size].to(targets.device)
+    return inputs[chosen], targets[chosen]
+
+
 def infer_num_classes(targets: Tensor) -> int:
     """Number of classes = largest label + 1 (labels must be class indices 0..K-1)."""
     if targets.numel() == 0 or int(targets.min()) < 0:

@@ -176,6 +176,11 @@ def _sam_step(
     return StepResult(grad_norm=grad_norm, skipped=skipped, **totals)
 
 
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers (any dimension, SyncBatchNorm too) that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
 @contextmanager
 def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
     """Leave BatchNorm running_mean / running_var / num_batches_tracked as they were on entry.
@@ -186,13 +191,8 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
     Restoring also covers what momentum = 0 does not: num_batches_tracked, momentum=None (cumulative
     average), and 0·NaN when an fp16 batch statistic overflows.
     """
-    buffers = [
-        b
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats
-        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if b is not None
-    ]
+    buffers = [b for m in batchnorm_layers(model) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+               if b is not None]
     saved = [b.clone() for b in buffers]  # three small buffers per BatchNorm layer
     try:
         yield

@@ -18,7 +18,7 @@ from torch import nn
 from sam_runner.data import BatchStream
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
-from sam_runner.scale import distributed
+from sam_runner.scale import distributed, torchrun_env
 from sam_runner.scale.distributed import RankShare, World, shard
 from sam_runner.steps import train_step
 
@@ -261,7 +261,7 @@ def test_an_empty_shard_is_refused():
 # One process: nothing changes.
 
 def _torchrun_env(monkeypatch, **env: str) -> None:
-    for name in distributed.TORCHRUN_VARIABLES:
+    for name in torchrun_env.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

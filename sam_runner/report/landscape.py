@@ -26,12 +26,13 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sam_runner.data import BatchStream
+from sam_runner.data import BatchStream, seeded_subset
 from sam_runner.errors import SamRunnerError
 from sam_runner.report import saved_run
 from sam_runner.report.saved_run import SavedRun
 from sam_runner.run.evaluation import evaluate
 from sam_runner.run.logbook import read_summary
+from sam_runner.steps import batchnorm_layers
 
 __all__ = ["BN_STATS", "METRICS", "LandscapeError", "filter_normalized_direction", "recompute_batchnorm", "run_labels",
            "directions", "interpolation"]
@@ -39,7 +40,6 @@ __all__ = ["BN_STATS", "METRICS", "LandscapeError", "filter_normalized_direction
 BN_STATS = ("recompute", "interpolate")  # what BatchNorm's running statistics are along an interpolation
 # summary.json keys that name a run in a legend (those that differ) or in a caption (those shared by all runs)
 LABEL_KEYS = ("dataset", "model", "optimizer", "rho", "batch_size", "lr", "epochs", "seed")
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 Streams = tuple[BatchStream, BatchStream]  # (train, test), both unaugmented
@@ -73,7 +73,7 @@ def directions(run_dirs: Sequence[Path], out_dir: Path | None = None, *, seed: i
     out = _out_dir(run_dirs[0], out_dir)
     title = f"Loss along a filter-normalized random direction (direction seed {seed})"
     return [_plot_directions(rows, f"{title}\n{caption}", out / "direction.png"),
-            _write_csv(rows, out / "direction.csv")]
+            _write_curve_csv(rows, out / "direction.csv")]
 
 
 def interpolation(run_a: Path, run_b: Path, out_dir: Path | None = None, *, span: tuple[float, float] = (-1.0, 2.0),
@@ -107,11 +107,11 @@ def interpolation(run_a: Path, run_b: Path, out_dir: Path | None = None, *, span
     curve = _sweep(a.model, alphas, between, streams, bn_stream=bn_stream, desc="interpolation", hint=hint)
     rows = [{"alpha": alpha, **point} for alpha, point in zip(alphas, curve)]
     (label_a, label_b), caption = run_labels([run_a, run_b])
-    if any(isinstance(module, BATCH_NORMS) for module in a.model.modules()):
+    if batchnorm_layers(a.model):
         caption = f"BatchNorm statistics: {bn_stats}; {caption}"
     title = f"Linear path from A ({label_a}) to B ({label_b})\n{caption}"
     out = _out_dir(run_a, out_dir)
-    return [_plot_interpolation(rows, title, out / "interpolation.png"), _write_csv(rows, out / "interpolation.csv")]
+    return [_plot_interpolation(rows, title, out / "interpolation.png"), _write_curve_csv(rows, out / "interpolation.csv")]
 
 
 # --- directions, BatchNorm and evaluation -----------------------------------------------------------------
@@ -144,7 +144,7 @@ def recompute_batchnorm(model: nn.Module, stream: BatchStream) -> None:
     as it is evaluated; momentum=None makes each statistic the plain mean over the stream's batches (as
     torch.optim.swa_utils.update_bn does).
     """
-    layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
+    layers = batchnorm_layers(model)
     if not layers:
         return
     model.eval()
@@ -212,10 +212,9 @@ def _streams(run: SavedRun, num_samples: int | None, seed: int) -> Streams:
 def _subset(stream: BatchStream, size: int, seed: int, run: SavedRun) -> BatchStream:
     if size >= stream.num_samples:
         return stream
-    chosen = torch.randperm(stream.num_samples, generator=torch.Generator().manual_seed(seed))[:size]
-    chosen = chosen.to(stream.inputs.device)
-    return BatchStream(stream.inputs[chosen], stream.targets[chosen], batch_size=stream.batch_size, shuffle=False,
-                       seed=stream.seed, device=stream.inputs.device, normalize=run.cfg.dataset.normalize)
+    inputs, targets = seeded_subset(stream.inputs, stream.targets, size, seed)
+    return BatchStream(inputs, targets, batch_size=stream.batch_size, shuffle=False, seed=stream.seed,
+                       device=stream.inputs.device, normalize=run.cfg.dataset.normalize)
 
 
 def _grid(span: Sequence[float], points: int) -> list[float]:
@@ -282,7 +281,7 @@ def _out_dir(first_run: Path, out_dir: Path | None) -> Path:
     return out
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+def _write_curve_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()

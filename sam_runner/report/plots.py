@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from sam_runner.report.runs import GROUP_KEYS, Run, finite, format_setting, optimizer_label, varying_keys  # noqa: E402
-from sam_runner.report.stats import Correlation, Group, describe  # noqa: E402
+from sam_runner.report.stats import Correlation, Group, summarize  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LOG_RANGE = 20  # a positive axis spanning at least this ratio (max / min) is drawn on a log scale
@@ -86,7 +86,7 @@ def _errorbar_lines(axis: Any, lines: list[tuple[str, list[Group]]], x_key: str,
         shift = dodge ** (index - (len(lines) - 1) / 2)
         points = [(x, stat) for group in members
                   if (x := finite(group.settings[x_key])) is not None
-                  and (stat := describe([run.get(metric) for run in group.completed])).mean is not None]
+                  and (stat := summarize([run.get(metric) for run in group.completed])).mean is not None]
         points.sort(key=lambda point: point[0])
         if points:
             axis.errorbar([x * shift for x, _ in points], [stat.mean for _, stat in points],
@@ -132,7 +132,7 @@ def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> P
     xs = _errorbar_lines(axis, sam_lines, "rho", "test_acc")
     plain_lines = _lines([group for group in groups if finite(group.settings["rho"]) is None], "rho")
     for index, (label, members) in enumerate(plain_lines, start=len(sam_lines)):
-        level = describe([run.get("test_acc") for group in members for run in group.completed])
+        level = summarize([run.get("test_acc") for group in members for run in group.completed])
         if level.mean is not None:
             axis.axhline(level.mean, linestyle="--", color=f"C{index % 10}", linewidth=1.2, label=f"{label} (no ρ)")
             if level.std is not None:

@@ -33,7 +33,7 @@ class Stat:
     n: int
 
 
-def describe(values: list[Any]) -> Stat:
+def summarize(values: list[Any]) -> Stat:
     present = [number for number in map(finite, values) if number is not None]
     if not present:
         return Stat(None, None, 0)
@@ -74,11 +74,11 @@ class Group:
     def statistics(self, sharpness_columns: list[str]) -> dict[str, Stat]:
         """Metric -> Stat over the completed runs; target epoch and step over those that reached the target."""
         completed = self.completed
-        result = {key: describe([run.get(key) for run in completed]) for key in GROUP_METRICS}
-        result |= {column: describe([run.sharpness.get(column) for run in completed]) for column in sharpness_columns}
+        result = {key: summarize([run.get(key) for run in completed]) for key in GROUP_METRICS}
+        result |= {column: summarize([run.sharpness.get(column) for run in completed]) for column in sharpness_columns}
         reached = [run for run in completed if run.get("target_reached") is True]
-        result |= {key: describe([run.get(key) for run in reached]) for key in TARGET_METRICS}
-        result["wall_time_s"] = describe([run.get("wall_time_s") for run in completed])
+        result |= {key: summarize([run.get(key) for run in reached]) for key in TARGET_METRICS}
+        result["wall_time_s"] = summarize([run.get("wall_time_s") for run in completed])
         return result
 
 

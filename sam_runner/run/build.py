@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from sam_runner.data import BatchStream, infer_num_classes, materialize
+from sam_runner.data import BatchStream, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
 from sam_runner.optim import SAM
 from sam_runner.run.logbook import Logbook, Stopwatch
@@ -76,14 +76,6 @@ class Data:
     majority_fraction: float  # share of the most frequent training label: the accuracy of guessing
 
 
-def _seeded_subset(inputs: torch.Tensor, targets: torch.Tensor, size: int | None, seed: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    if size is None or size >= len(targets):
-        return inputs, targets
-    chosen = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:size]
-    return inputs[chosen], targets[chosen]
-
-
 def split_validation(inputs: torch.Tensor, targets: torch.Tensor, fraction: float, seed: int
                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """(train, val): a seeded random `fraction` of the samples held out; (everything, None) when fraction is 0."""
@@ -114,12 +106,12 @@ def build_data(cfg: DictConfig, settings: DictConfig, device: torch.device) -> D
     common = {"device": device, "normalize": cfg.dataset.normalize, "seed": settings.seed}
     train = BatchStream(x_train, y_train, batch_size=settings.batch_size, shuffle=True,
                         augment=cfg.dataset.augment, **common)
-    x_eval, y_eval = _seeded_subset(x_train, y_train, settings.eval.train_subset, settings.seed)
+    x_eval, y_eval = seeded_subset(x_train, y_train, settings.eval.train_subset, settings.seed)
     train_eval = BatchStream(x_eval, y_eval, batch_size=settings.eval.batch_size, shuffle=False, **common)
     test = BatchStream(x_test, y_test, batch_size=settings.eval.batch_size, shuffle=False, **common)
     val = None if held_out is None else \
         BatchStream(*held_out, batch_size=settings.eval.batch_size, shuffle=False, **common)
-    x_sharp, y_sharp = _seeded_subset(x_train, y_train, settings.sharpness.num_samples, settings.seed + 1)
+    x_sharp, y_sharp = seeded_subset(x_train, y_train, settings.sharpness.num_samples, settings.seed + 1)
     sharpness = list(BatchStream(x_sharp, y_sharp, batch_size=settings.sharpness.batch_size, shuffle=False,
                                  **common).epoch(0))
     majority_fraction = torch.bincount(y_train).max().item() / len(y_train)

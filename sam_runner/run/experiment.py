@@ -40,7 +40,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
     settings = validate(cfg)
     device = resolve_device(settings.device.value)
     precision = resolve_precision(settings.precision.value, device)
-    hparams = describe(cfg, settings, choices or {}, precision, device)
+    hparams = hyperparameters(cfg, settings, choices or {}, precision, device)
     if cfg.optimizer.sam is None and plain_rho is not None and float(plain_rho) != settings.rho:
         return _skip_duplicate(run_dir, hparams, plain_rho)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -118,7 +118,7 @@ def _record_ending(logbook: Logbook, summary: dict[str, Any]) -> None:
                   describe_unforeseen(error))
 
 
-def describe(cfg: DictConfig, settings: DictConfig, choices: dict[str, str], precision: str, device: torch.device
+def hyperparameters(cfg: DictConfig, settings: DictConfig, choices: dict[str, str], precision: str, device: torch.device
              ) -> dict[str, Any]:
     """The flat, self-describing hyper-parameters summary.json carries, so a report can group runs by any of them."""
     sam = cfg.optimizer.sam

@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
+from sam_runner.scale import torchrun_env
 from sam_runner.steps import Criterion, StepResult, train_step
 
 SAM_MODES = ("global", "local")  # ε from the all-reduced gradient / from each rank's own shard gradient
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -68,20 +68,7 @@ def process_group(device: torch.device) -> Iterator[World]:
 
 
 def _world_from_env(device: torch.device, env: Mapping[str, str]) -> World:
-    if "WORLD_SIZE" not in env:
-        return World(device=device)
-    missing = [name for name in TORCHRUN_VARIABLES if not env.get(name)]
-    if missing:
-        raise ConfigError(f"WORLD_SIZE is set but torchrun's {', '.join(missing)} is not: launch with "
-                          f"`torchrun --nproc_per_node=N --no-python sam-run ...`, or unset WORLD_SIZE")
-    try:
-        rank, world_size, local_rank = (int(env[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    except ValueError:
-        raise ConfigError(f"torchrun's RANK, WORLD_SIZE and LOCAL_RANK must be integers; got "
-                          f"{env['RANK']!r}, {env['WORLD_SIZE']!r}, {env['LOCAL_RANK']!r}") from None
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise ConfigError(f"torchrun variables out of range: RANK={rank}, WORLD_SIZE={world_size}, "
-                          f"LOCAL_RANK={local_rank}; launch through torchrun rather than setting them by hand")
+    rank, world_size, local_rank = torchrun_env.launched(env)
     if world_size == 1:
         return World(device=device)
     if device.type == "cuda":
