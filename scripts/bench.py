@@ -43,11 +43,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from sam_runner.cli.run import CONFIG_DIR
 from sam_runner.optim import SAM
 from sam_runner.run import checkpoint, loop, measurement, resume
-from sam_runner.run.build import Training, build_optimizer, build_run, compile_model, resolve_device, resolve_precision
+from sam_runner.run.build import Training, build_optimizer, build_run, compile_model
 from sam_runner.run.evaluation import generalization
 from sam_runner.run.logbook import Logbook, Stopwatch
 from sam_runner.run.progress import Progress
-from sam_runner.run.spec import validate
+from sam_runner.run.spec import make_spec
 from sam_runner.run.stopping import StopRequests
 from sam_runner.scale.distributed import World
 from sam_runner.scale.ranks import Team
@@ -166,16 +166,14 @@ class Contender:
             self.cfg = compose(config_name="config", overrides=[
                 *DATASETS[args.model], f"model={args.model}", f"optimizer={name}", f"batch_size={args.batch_size}",
                 f"device={args.device}", f"precision={args.precision}", "compile=false", *args.overrides])
-        self.settings = validate(self.cfg)
-        self.device = resolve_device(self.settings.device.value)
-        self.precision = resolve_precision(self.settings.precision.value, self.device)
+        self.spec = make_spec(self.cfg)
+        self.settings, self.device = self.spec.settings, self.spec.device
         self.run_dir = run_dir / name
         self.logbook = Logbook(self.run_dir, {})
-        self.run = build_run(self.cfg, self.settings, self.precision, Team(World(device=self.device)),
-                                   self.logbook, Stopwatch(), StopRequests())
+        self.run = build_run(self.spec, Team(World(device=self.device)), self.logbook, Stopwatch(), StopRequests())
         self.flops = training_flops(self.run.model, *next(iter(self.run.data.train.epoch(0))))
         self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
-        bare = build_optimizer(self.cfg.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)
+        bare = build_optimizer(self.spec.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)
         self.bare_optimizer = bare.base_optimizer if isinstance(bare, SAM) else bare
         self.bare_step = bare_sam_step if isinstance(bare, SAM) else bare_sgd_step
         dtype = self.run.autocast_dtype
@@ -185,7 +183,7 @@ class Contender:
             self.bare_model.to(memory_format=torch.channels_last)
         self.compile_time_s = None
         if args.compile:  # as build_run does with compile=true (here after channels_last, whose strides it guards)
-            compile_model(self.run.model, self.run.data, dtype, self.cfg.optimizer.sam, self.run.clock)
+            compile_model(self.run.model, self.run.data, dtype, self.spec.sam, self.run.clock)
             self.compile_time_s = self.run.clock.times()["compile_time_s"]
             self.bare_model.compile()  # compiled by its warm-up below
         # One epoch's batches, made once and kept on the device: what the bare loop trains on.
@@ -254,7 +252,7 @@ def report(contenders: dict[str, Contender], args: argparse.Namespace, rounds: i
     samples = first.run.data.train.num_samples
     result: dict[str, Any] = {
         "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]), "date": date.today().isoformat(),
-        "torch": torch.__version__, "device": _device_name(first.device), "precision": first.precision,
+        "torch": torch.__version__, "device": _device_name(first.device), "precision": first.spec.precision,
         "model": args.model, "batch_size": args.batch_size, "train_samples": samples, "rounds": rounds,
         "steps_per_round": args.steps, "compile": args.compile, "channels_last": args.channels_last,
         "cudnn_benchmark": args.cudnn_benchmark, "torch_threads": torch.get_num_threads(),

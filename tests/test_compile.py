@@ -26,7 +26,7 @@ from sam_runner.optim import SAM
 from sam_runner.run.build import batch_sizes, build_data, compile_model
 from sam_runner.run.evaluation import evaluate
 from sam_runner.run.logbook import Stopwatch
-from sam_runner.run.spec import validate
+from sam_runner.run.spec import make_spec
 from sam_runner.steps import train_step
 
 
@@ -112,8 +112,8 @@ def test_sam_passes_and_train_eval_switches_compile_each_graph_once() -> None:
 def _tiny_run(*overrides: str, device: str = "cpu"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*TINY, *overrides])
-    settings = validate(cfg)
-    return cfg, settings, build_data(cfg, settings, torch.device(device))
+    spec = make_spec(cfg)
+    return cfg, spec.settings, build_data(spec, torch.device(device))
 
 
 def test_batch_sizes_of_one_pass() -> None:

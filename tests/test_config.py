@@ -7,18 +7,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import TINY, read_json, run_cli
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sam_runner.cli.run import CONFIG_DIR
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
 from sam_runner.run.build import build_model, build_optimizer, build_scheduler
-from sam_runner.run.spec import validate
+from sam_runner.run.spec import Settings, validate
 
 CONFIGS = Path(CONFIG_DIR)
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +182,22 @@ def test_seeds_are_checked_against_what_numpy_accepts(seed: int, valid: bool) ->
         return
     with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32 - 1\]"):
         validate(composed(f"seed={seed}"))
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {key: value for name, child in node.items() for key, value in _leaves(child, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def test_the_schema_defaults_are_config_yaml_s() -> None:
+    """run/spec.py's Settings and configs/config.yaml state one default for every top-level key; the keys config.yaml
+    takes from the chosen optimizer (interpolations) have none in the schema."""
+    yaml = OmegaConf.load(CONFIGS / "config.yaml")
+    written = _leaves(OmegaConf.to_container(OmegaConf.masked_copy(yaml, [k for k in yaml if k not in ("defaults",
+                                                                                                        "hydra")])))
+    schema = _leaves(OmegaConf.to_container(OmegaConf.structured(Settings)))
+    assert set(written) == set(schema)
+    for key, value in written.items():
+        expected = "???" if isinstance(value, str) and value.startswith("${") else value
+        assert schema[key] == expected, key

@@ -16,7 +16,7 @@ from sam_runner.cli.run import CONFIG_DIR, objective
 from sam_runner.errors import ConfigError
 from sam_runner.run.build import build_data
 from sam_runner.run.plan import at_chance, make_plan, protocol_name, scaled_lr
-from sam_runner.run.spec import validate
+from sam_runner.run.spec import make_spec, validate
 
 
 def settings(*overrides: str):
@@ -90,7 +90,7 @@ def test_validation_split_is_seeded_disjoint_from_training_and_the_same_for_ever
     splits = []
     for seed in (0, 1):
         cfg, top = settings(*overrides, f"seed={seed}")
-        data = build_data(cfg, top, torch.device("cpu"))
+        data = build_data(make_spec(cfg), torch.device("cpu"))
         assert data.val.num_samples == 50 and data.train.num_samples == data.train_eval.num_samples == 150
         val_rows = {tuple(row.tolist()) for row in data.val.inputs.flatten(1)}
         trained = {tuple(row.tolist()) for x, _ in data.train.epoch(0) for row in x.flatten(1)}

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import FINISHED, SweepTable
-from sam_runner.run import spec as config_schema
+from sam_runner.run.spec import validate
 from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped
 from sam_runner.scale import torchrun_env
 from sam_runner.scale.slurm import JobLost
@@ -177,7 +177,7 @@ def preflight(args: argparse.Namespace) -> None:
             by_key = {**preset, **by_key}
         for job in _jobs(by_key):
             cfg = base if job == fixed else _composed(args, job + search)
-            config_schema.validate(cfg)
+            validate(cfg)
             key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
             output = str(OmegaConf.select(cfg, key) or "").strip()
             if not output:

@@ -214,7 +214,7 @@ def _subset(stream: BatchStream, size: int, seed: int, run: SavedRun) -> BatchSt
         return stream
     inputs, targets = seeded_subset(stream.inputs, stream.targets, size, seed)
     return BatchStream(inputs, targets, batch_size=stream.batch_size, shuffle=False, seed=stream.seed,
-                       device=stream.inputs.device, normalize=run.cfg.dataset.normalize)
+                       device=stream.inputs.device, normalize=run.spec.dataset.normalize)
 
 
 def _grid(span: Sequence[float], points: int) -> list[float]:
@@ -235,7 +235,7 @@ def _check_num_samples(num_samples: int | None) -> None:
 
 
 def _describe_network(run: SavedRun) -> str:
-    node = OmegaConf.to_container(run.cfg.model, resolve=True)
+    node = OmegaConf.to_container(run.spec.model, resolve=True)
     name = str(node.pop("_target_")).rpartition(".")[2]
     arguments = ", ".join(f"{key}={value}" for key, value in node.items())
     count = sum(p.numel() for p in run.model.parameters())
@@ -246,7 +246,7 @@ def _check_same_network(a: SavedRun, b: SavedRun) -> None:
     """Interpolating needs one architecture; a different seed is allowed but makes the path less meaningful."""
     shapes_a = {name: value.shape for name, value in a.model.state_dict().items()}
     shapes_b = {name: value.shape for name, value in b.model.state_dict().items()}
-    if shapes_a != shapes_b or OmegaConf.to_container(a.cfg.model) != OmegaConf.to_container(b.cfg.model):
+    if shapes_a != shapes_b or OmegaConf.to_container(a.spec.model) != OmegaConf.to_container(b.spec.model):
         raise LandscapeError(f"cannot interpolate between different networks: {a.run_dir} is "
                              f"{_describe_network(a)}, {b.run_dir} is {_describe_network(b)}; pass two runs of "
                              f"the same model and dataset")

@@ -14,8 +14,9 @@ matplotlib.use("Agg")  # before pyplot: files only, also on machines without a d
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from sam_runner.report.runs import GROUP_KEYS, Run, finite, format_setting, optimizer_label, varying_keys  # noqa: E402
+from sam_runner.report.runs import Run, finite, format_setting, optimizer_label, varying_keys  # noqa: E402
 from sam_runner.report.stats import Correlation, Group, summarize  # noqa: E402
+from sam_runner.run.hyperparameters import GROUP_KEYS  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LOG_RANGE = 20  # a positive axis spanning at least this ratio (max / min) is drawn on a log scale

@@ -19,17 +19,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sam_runner.errors import SamRunnerError
+from sam_runner.run.hyperparameters import HPARAM_KEYS, SAM_ONLY_KEYS
 
-# Every hyper-parameter summary.json records, in reading order. Runs that agree on all of them but `seed`
-# are repetitions of one setting (a group); `protocol` names the comparison protocol in words.
-HPARAM_KEYS = ("protocol", "dataset", "model", "optimizer", "base_optimizer", "rho", "adaptive", "eta",
-               "adaptive_params", "micro_batch_size", "weight_decay", "weight_decay_in_perturbation", "lr",
-               "lr_base", "lr_scaling", "lr_reference_batch_size", "batch_size", "budget", "epochs",
-               "steps_budget", "stop_train_acc", "stop_train_loss", "scheduler", "label_smoothing", "max_grad_norm",
-               "val_fraction", "precision", "device", "seed")
-GROUP_KEYS = tuple(key for key in HPARAM_KEYS if key != "seed")
-# Options of the SAM step: null for plain optimizers (rho null as well).
-SAM_ONLY_KEYS = ("adaptive", "eta", "adaptive_params", "micro_batch_size", "weight_decay_in_perturbation")
 # What a run produced (besides sharpness, status and error).
 OUTCOME_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "val_acc", "val_loss",
                 "epochs_completed", "steps_completed", "target_reached", "target_epoch", "target_step", "at_chance",

@@ -10,25 +10,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 
 from sam_runner.errors import CheckpointError
 from sam_runner.run import checkpoint
-from sam_runner.run.build import Data, build_data, build_model, resolve_device, seed_everything
-from sam_runner.run.spec import validate
+from sam_runner.run.build import Data, build_data, build_model, seed_everything
+from sam_runner.run.spec import RunSpec, Settings, make_spec
 
 
 @dataclass
 class SavedRun:
-    """One run directory, loaded: its config, validated settings, data streams and model at the checkpoint."""
+    """One run directory, loaded: its spec, data streams and model at the checkpoint."""
 
     run_dir: Path
-    cfg: DictConfig
-    settings: DictConfig
+    spec: RunSpec
     data: Data
     model: nn.Module
     state: dict[str, Any]  # the checkpoint dict (epoch, step, optimizer, ...)
+
+    @property
+    def settings(self) -> Settings:
+        return self.spec.settings
 
 
 def load(run_dir: Path, *, checkpoint_path: Path | None = None, overrides: dict[str, Any] | None = None
@@ -46,14 +49,13 @@ def load(run_dir: Path, *, checkpoint_path: Path | None = None, overrides: dict[
     for key, value in (overrides or {}).items():
         if value is not None:
             OmegaConf.update(cfg, key, value)
-    settings = validate(cfg)
-    device = resolve_device(settings.device.value)
-    state = checkpoint.load(checkpoint_path or run_dir / "checkpoints" / "last.pt", map_location=device)
-    seed_everything(settings.seed)
-    data = build_data(cfg, settings, device)
-    model = build_model(cfg.model, data.num_classes, data.input_shape).to(device)
+    spec = make_spec(cfg)
+    state = checkpoint.load(checkpoint_path or run_dir / "checkpoints" / "last.pt", map_location=spec.device)
+    seed_everything(spec.settings.seed)
+    data = build_data(spec, spec.device)
+    model = build_model(spec.model, data.num_classes, data.input_shape).to(spec.device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint does not match the run's model ({str(error).splitlines()[0]})") from None
-    return SavedRun(run_dir, cfg, settings, data, model, state)
+    return SavedRun(run_dir, spec, data, model, state)

@@ -15,7 +15,8 @@ from typing import Any
 
 from scipy import stats
 
-from sam_runner.report.runs import GROUP_KEYS, STATUS_ORDER, Run, finite, measured_columns
+from sam_runner.report.runs import STATUS_ORDER, Run, finite, measured_columns
+from sam_runner.run.hyperparameters import GROUP_KEYS
 
 # Per-group statistics, in table order; sharpness columns go between the metrics and the target columns.
 GROUP_METRICS = ("train_acc", "test_acc", "train_loss", "gap_acc", "gap_loss", "val_acc")

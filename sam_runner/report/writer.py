@@ -15,8 +15,6 @@ from typing import Any
 
 from sam_runner.report import plots as report_plots
 from sam_runner.report.runs import (
-    GROUP_KEYS,
-    HPARAM_KEYS,
     OUTCOME_KEYS,
     ReportError,
     Run,
@@ -44,6 +42,7 @@ from sam_runner.report.stats import (
     correlations,
     group_runs,
 )
+from sam_runner.run.hyperparameters import GROUP_KEYS, HPARAM_KEYS
 
 ACCURACY_LIKE = (*GROUP_METRICS, "test_loss", "val_loss")  # formatted with four decimals, the rest with 4 digits
 NESTED_KEYS = ("sharpness", "measurements")  # their values are in the sharpness columns

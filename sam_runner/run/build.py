@@ -25,30 +25,13 @@ from sam_runner.optim import SAM
 from sam_runner.run.logbook import Logbook, Stopwatch
 from sam_runner.run.measurement import measures_for
 from sam_runner.run.plan import RunPlan, make_plan
+from sam_runner.run.spec import RunSpec, Settings
 from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.ranks import Team
 from sam_runner.steps import frozen_batchnorm_stats
 
 log = logging.getLogger("sam_runner")
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible: use device=auto or device=cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA (no loss scaling needed), fp32 on the CPU."""
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
-
-
 def _partial(node: DictConfig, where: str) -> Callable[..., Any]:
     """The callable a `_target_` node names, with its keys bound; calling it later raises its own errors."""
     try:
@@ -89,23 +72,24 @@ def split_validation(inputs: torch.Tensor, targets: torch.Tensor, fraction: floa
     return (inputs[train], targets[train]), (inputs[val], targets[val])
 
 
-def build_data(cfg: DictConfig, settings: DictConfig, device: torch.device) -> Data:
-    make_datasets = _partial(cfg.dataset.source, "dataset.source")
+def build_data(spec: RunSpec, device: torch.device) -> Data:
+    dataset, settings = spec.dataset, spec.settings
+    make_datasets = _partial(dataset.source, "dataset.source")
     try:
         train_set, test_set = make_datasets()
     except (TypeError, ValueError) as error:
-        raise DataError(f"dataset.source ({cfg.dataset.source._target_}) failed: {error}; it must return a "
+        raise DataError(f"dataset.source ({dataset.source._target_}) failed: {error}; it must return a "
                         f"(train, test) pair of Datasets") from None
     x_train, y_train = materialize(train_set)
     x_test, y_test = materialize(test_set)
     if len(y_train) == 0 or len(y_test) == 0:
-        raise DataError(f"dataset {cfg.dataset.name}: the training or test set is empty")
-    num_classes = cfg.dataset.num_classes or infer_num_classes(y_train)
-    (x_train, y_train), held_out = split_validation(x_train, y_train, cfg.dataset.get("val_fraction") or 0.0,
-                                                    cfg.dataset.get("val_seed") or 0)
-    common = {"device": device, "normalize": cfg.dataset.normalize, "seed": settings.seed}
+        raise DataError(f"dataset {dataset.name}: the training or test set is empty")
+    num_classes = dataset.num_classes or infer_num_classes(y_train)
+    (x_train, y_train), held_out = split_validation(x_train, y_train, dataset.get("val_fraction") or 0.0,
+                                                    dataset.get("val_seed") or 0)
+    common = {"device": device, "normalize": dataset.normalize, "seed": settings.seed}
     train = BatchStream(x_train, y_train, batch_size=settings.batch_size, shuffle=True,
-                        augment=cfg.dataset.augment, **common)
+                        augment=dataset.augment, **common)
     x_eval, y_eval = seeded_subset(x_train, y_train, settings.eval.train_subset, settings.seed)
     train_eval = BatchStream(x_eval, y_eval, batch_size=settings.eval.batch_size, shuffle=False, **common)
     test = BatchStream(x_test, y_test, batch_size=settings.eval.batch_size, shuffle=False, **common)
@@ -242,16 +226,11 @@ def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_pe
         raise ConfigError(f"scheduler ({node._target_}): {error}") from None
 
 
-def target_name(node: DictConfig) -> str:
-    """A short name for a `_target_` node: the last part of its dotted path."""
-    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
-
-
 @dataclass
 class Training:
     """Everything one run needs, built once from its config, so `fit` reads as a loop rather than a switchboard."""
 
-    settings: DictConfig
+    settings: Settings
     plan: RunPlan
     data: Data
     model: nn.Module
@@ -282,26 +261,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team, logbook: Logbook,
-              clock: Stopwatch, stop: StopRequests) -> Training:
+def build_run(spec: RunSpec, team: Team, logbook: Logbook, clock: Stopwatch, stop: StopRequests) -> Training:
     """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
+    settings = spec.settings
     seed_everything(settings.seed)
-    data = team.main_first(build_data, cfg, settings, team.device)  # rank 0 downloads, the others read
-    sam = cfg.optimizer.sam
+    data = team.main_first(build_data, spec, team.device)  # rank 0 downloads, the others read
+    sam = spec.sam
     micro_batch_size = sam.micro_batch_size if sam is not None else None
     distributed.check_setup(team.world, batch_size=settings.batch_size, num_samples=data.train.num_samples,
-                            sam_mode=settings.ddp.sam_mode.value, sync_batchnorm=settings.ddp.sync_batchnorm,
+                            sam_mode=settings.ddp.sam_mode, sync_batchnorm=settings.ddp.sync_batchnorm,
                             compile=settings.compile, micro_batch_size=micro_batch_size)
     plan = make_plan(settings, len(data.train))
-    model = build_model(cfg.model, data.num_classes, data.input_shape).to(team.device)
+    model = build_model(spec.model, data.num_classes, data.input_shape).to(team.device)
     if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
-        compile_model(model, data, AUTOCAST_DTYPES[precision], cfg.optimizer.sam, clock)
-    optimizer = build_optimizer(cfg.optimizer, settings.rho, plan.lr, model)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
+        compile_model(model, data, spec.autocast_dtype, sam, clock)
+    optimizer = build_optimizer(spec.optimizer, settings.rho, plan.lr, model)
+    scheduler = build_scheduler(spec.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
     model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)
     return Training(settings=settings, plan=plan, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
-               scaler=torch.amp.GradScaler(team.device.type) if precision == "fp16" else None,
-               criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
-               autocast_dtype=AUTOCAST_DTYPES[precision],
-               micro_batch_size=micro_batch_size, measures=measures_for(model, settings), logbook=logbook,
-               clock=clock, stop=stop, team=team)
+                    scaler=torch.amp.GradScaler(team.device.type) if spec.precision == "fp16" else None,
+                    criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
+                    autocast_dtype=spec.autocast_dtype, micro_batch_size=micro_batch_size,
+                    measures=measures_for(model, settings), logbook=logbook, clock=clock, stop=stop, team=team)

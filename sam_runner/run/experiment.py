@@ -12,18 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sam_runner.errors import SamRunnerError, describe_unforeseen
 from sam_runner.run import resume, stopping
-from sam_runner.run.build import build_run, resolve_device, resolve_precision, target_name
+from sam_runner.run.build import build_run
 from sam_runner.run.checkpoint import write_json_atomic
+from sam_runner.run.hyperparameters import HyperParameters
 from sam_runner.run.logbook import Logbook, Stopwatch
 from sam_runner.run.loop import fit
-from sam_runner.run.plan import effective_lr, protocol_name
 from sam_runner.run.progress import Progress
-from sam_runner.run.spec import validate
+from sam_runner.run.spec import RunSpec, make_spec
 from sam_runner.scale import distributed, ranks
 from sam_runner.scale.ranks import Team
 
@@ -37,42 +36,37 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
 
     Under torchrun every process runs this; rank 0 decides what the run directory holds and writes it (ranks.py).
     """
-    settings = validate(cfg)
-    device = resolve_device(settings.device.value)
-    precision = resolve_precision(settings.precision.value, device)
-    hparams = hyperparameters(cfg, settings, choices or {}, precision, device)
-    if cfg.optimizer.sam is None and plain_rho is not None and float(plain_rho) != settings.rho:
+    spec = make_spec(cfg, choices)
+    hparams = HyperParameters.of(spec).record()
+    if spec.sam is None and plain_rho is not None and float(plain_rho) != spec.settings.rho:
         return _skip_duplicate(run_dir, hparams, plain_rho)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    with ranks.team(device) as team, team.claimed(run_dir), stopping.stop_requests() as stop:
-        hparams.update(distributed.describe_world(team.world, sam_mode=settings.ddp.sam_mode.value,
-                                                  sync_batchnorm=settings.ddp.sync_batchnorm,
-                                                  is_sam=cfg.optimizer.sam is not None))
-        prior = team.by_main(resume.inspect, run_dir, config, resume=settings.resume)
+    with ranks.team(spec.device) as team, team.claimed(run_dir), stopping.stop_requests() as stop:
+        hparams.update(distributed.describe_world(team.world, sam_mode=spec.settings.ddp.sam_mode,
+                                                  sync_batchnorm=spec.settings.ddp.sync_batchnorm,
+                                                  is_sam=spec.sam is not None))
+        prior = team.by_main(resume.inspect, run_dir, spec.config, resume=spec.settings.resume)
         if prior.ended:
             log.info("%s has %s already: not trained again (add resume=false to train it from scratch)", run_dir,
                      prior.summary["status"])
             return prior.summary
         state = resume.own_share(prior.checkpoint, team.world) if prior.checkpoint else None
-        return _train(cfg, config, settings, precision, team, hparams, run_dir, state, stop)
+        return _train(spec, team, hparams, run_dir, state, stop)
 
 
-def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precision: str, team: Team,
-           hparams: dict[str, Any], run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests
-           ) -> dict[str, Any]:
-    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended. `config`
-    is `cfg` resolved, as run.json records it."""
+def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, state: dict[str, Any] | None,
+           stop: stopping.StopRequests) -> dict[str, Any]:
+    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended."""
     device = team.device
     clock = Stopwatch(state["clock"] if state else None)
     progress = Progress.from_state(state["progress"], device) if state else Progress()
     logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
                            purge_step=progress.logged_step + 1 if state else None)
-    logbook.write_run_info(sys.argv, config, device, resumed_at_step=progress.step if state else None)
+    logbook.write_run_info(sys.argv, spec.config, device, resumed_at_step=progress.step if state else None)
     summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
     summary.pop("error", None)
     logbook.write_summary(summary)
     try:
-        run = build_run(cfg, settings, precision, team, logbook, clock, stop)
+        run = build_run(spec, team, logbook, clock, stop)
         if state:
             resume.restore(run, state)
             log.info("continuing %s from epoch %d, batch %d (step %d)", run_dir, progress.epoch + 1, progress.batch,
@@ -80,7 +74,7 @@ def _train(cfg: DictConfig, config: dict[str, Any], settings: DictConfig, precis
         else:
             summary.update(steps_budget=run.plan.total_steps, target_reached=False if run.plan.has_target else None)
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch | %s -> %s", hparams["dataset"],
-                 hparams["model"], _optimizer_label(hparams), device, precision,
+                 hparams["model"], _optimizer_label(hparams), device, spec.precision,
                  sum(p.numel() for p in run.network.parameters()), run.plan.steps_per_epoch, run.plan.protocol,
                  run_dir)
         fit(run, summary, progress)
@@ -116,33 +110,6 @@ def _record_ending(logbook: Logbook, summary: dict[str, Any]) -> None:
     except OSError as error:
         log.error("could not record the run's end (%s) in %s: %s", summary["status"], logbook.run_dir,
                   describe_unforeseen(error))
-
-
-def hyperparameters(cfg: DictConfig, settings: DictConfig, choices: dict[str, str], precision: str, device: torch.device
-             ) -> dict[str, Any]:
-    """The flat, self-describing hyper-parameters summary.json carries, so a report can group runs by any of them."""
-    sam = cfg.optimizer.sam
-    weight_decay = cfg.optimizer.base.build.get("weight_decay", 0.0)
-    return {
-        "dataset": cfg.dataset.name, "model": choices.get("model", target_name(cfg.model)),
-        "optimizer": cfg.optimizer.name, "base_optimizer": cfg.optimizer.base.name,
-        "rho": settings.rho if sam is not None else None,
-        "adaptive": bool(sam.adaptive) if sam is not None else None,
-        "eta": sam.eta if sam is not None and sam.adaptive else None,
-        "adaptive_params": sam.get("adaptive_params", "all") if sam is not None and sam.adaptive else None,
-        "micro_batch_size": sam.micro_batch_size if sam is not None else None,
-        "weight_decay": weight_decay,
-        "weight_decay_in_perturbation": bool(sam.perturb_weight_decay) if sam is not None else None,
-        "lr": effective_lr(settings), "lr_base": settings.lr, "lr_scaling": settings.lr_scaling.value,
-        "lr_reference_batch_size": settings.lr_reference_batch_size, "batch_size": settings.batch_size,
-        "budget": settings.budget.value, "epochs": settings.epochs if settings.budget.value == "epochs" else None,
-        "steps": settings.steps if settings.budget.value == "steps" else None, "protocol": protocol_name(settings),
-        "stop_train_acc": settings.stop.train_acc, "stop_train_loss": settings.stop.train_loss,
-        "val_fraction": cfg.dataset.get("val_fraction") or 0.0, "seed": settings.seed,
-        "scheduler": choices.get("scheduler", target_name(cfg.scheduler)),
-        "label_smoothing": settings.label_smoothing, "max_grad_norm": settings.max_grad_norm,
-        "precision": precision, "device": device.type,
-    }
 
 
 def _optimizer_label(hparams: dict[str, Any]) -> str:

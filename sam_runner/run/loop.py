@@ -101,7 +101,7 @@ def train_epoch(run: Training, progress: Progress, summary: dict[str, Any]) -> d
     for inputs, targets in bar:
         result = distributed.distributed_step(
             run.model, inputs, targets, run.optimizer, run.criterion, run.team.world,
-            sam_mode=run.settings.ddp.sam_mode.value, autocast_dtype=run.autocast_dtype, scaler=run.scaler,
+            sam_mode=run.settings.ddp.sam_mode, autocast_dtype=run.autocast_dtype, scaler=run.scaler,
             max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size)
         run.scheduler.step()
         progress.totals.add(result, run.team.share(targets.shape[0]))  # this rank's shard of the global batch

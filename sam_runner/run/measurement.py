@@ -12,23 +12,22 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from sam_runner import sharpness
 from sam_runner.run.logbook import SHOW_PROGRESS
-from sam_runner.run.spec import sharpness_measures, sharpness_options
+from sam_runner.run.spec import Settings, sharpness_measures, sharpness_options
 
 log = logging.getLogger("sam_runner")
 
 
-def measures_for(model: nn.Module, settings: DictConfig) -> list[str]:
+def measures_for(model: nn.Module, settings: Settings) -> list[str]:
     chosen = sharpness_measures(settings.sharpness.measures)
     return sharpness.default_measures(model) if chosen == "auto" else chosen
 
 
 def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: list[str],
-            settings: DictConfig, *, epoch: int, step: int, source: str) -> dict[str, Any]:
+            settings: Settings, *, epoch: int, step: int, source: str) -> dict[str, Any]:
     """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode).
 
     Returns a measurement record: the values with everything needed to compare them (radius, samples, every

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from sam_runner.run.spec import Settings
 
 # A run "never left chance level" when its best eval-mode training accuracy stayed below this multiple of the
 # majority-class fraction (0.15 for 10 balanced classes): a loss stuck at ln K trains no better than guessing.
@@ -26,9 +26,9 @@ def scaled_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str) 
     return lr * factors[rule]
 
 
-def effective_lr(settings: DictConfig) -> float:
+def effective_lr(settings: Settings) -> float:
     """The peak lr the run trains with: `lr` scaled for `batch_size` by `lr_scaling` (recorded as `lr`)."""
-    return scaled_lr(settings.lr, settings.batch_size, settings.lr_reference_batch_size, settings.lr_scaling.value)
+    return scaled_lr(settings.lr, settings.batch_size, settings.lr_reference_batch_size, settings.lr_scaling)
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,9 @@ class RunPlan:
             (self.stop_train_loss is None or train_loss <= self.stop_train_loss)
 
 
-def make_plan(settings: DictConfig, steps_per_epoch: int) -> RunPlan:
+def make_plan(settings: Settings, steps_per_epoch: int) -> RunPlan:
     """The run's plan from its validated top-level settings (config.validate) and its batches per epoch."""
-    steps_budget = settings.budget.value == "steps"
+    steps_budget = settings.budget == "steps"
     total_steps = settings.steps if steps_budget else settings.epochs * steps_per_epoch
     return RunPlan(lr=effective_lr(settings), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                    eval_every=settings.eval.every, checkpoint_every=settings.checkpoint.every,
@@ -83,14 +83,14 @@ def make_plan(settings: DictConfig, steps_per_epoch: int) -> RunPlan:
                    protocol=protocol_name(settings))
 
 
-def protocol_name(settings: DictConfig) -> str:
+def protocol_name(settings: Settings) -> str:
     """A short name for the comparison protocol, the same for every batch size of one study.
 
     e.g. "same lr, 100 epochs, until train acc >= 0.99" (Keskar) or "lr x sqrt(B/32), 3000 steps" (Hoffer).
     """
-    rule, reference = settings.lr_scaling.value, settings.lr_reference_batch_size
+    rule, reference = settings.lr_scaling, settings.lr_reference_batch_size
     lr = {"none": "same lr", "linear": f"lr x B/{reference}", "sqrt": f"lr x sqrt(B/{reference})"}[rule]
-    budget = f"{settings.steps} steps" if settings.budget.value == "steps" else f"{settings.epochs} epochs"
+    budget = f"{settings.steps} steps" if settings.budget == "steps" else f"{settings.epochs} epochs"
     targets = [f"train acc >= {settings.stop.train_acc:g}" if settings.stop.train_acc is not None else None,
                f"train loss <= {settings.stop.train_loss:g}" if settings.stop.train_loss is not None else None]
     until = " and ".join(target for target in targets if target)

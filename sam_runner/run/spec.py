@@ -1,78 +1,60 @@
-"""The schema of the top-level keys and the cross-field rules, checked before anything is built.
+"""A run's spec: its composed config typed, checked and resolved once, then handed to everything below the CLI.
 
-Group configs (dataset, model, optimizer, scheduler) are free-form `_target_` nodes so users can plug in
-their own; their values are checked by the builders that consume them. Everything here raises
-`ConfigError` with one line that names the key, the bad value and what would be valid.
+`validate` types and checks the top-level keys (the `Settings` schema, whose defaults are config.yaml's) and the
+cross-field rules; the pre-flight calls it for every job of a command. `make_spec` does the same once inside the
+run and resolves what depends on the machine (device, precision). Group configs (dataset, model, optimizer,
+scheduler) are free-form `_target_` nodes so users can plug in their own; their values are checked by the builders
+that consume them.
+Everything here raises `ConfigError` with one line that names the key, the bad value and what would be valid.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from enum import Enum
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sam_runner.errors import ConfigError
 
+if TYPE_CHECKING:  # torch is imported when a spec is made, not for the pre-flight's `validate`
+    import torch
 
-class Device(Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class LrScaling(Enum):
-    none = "none"
-    linear = "linear"
-    sqrt = "sqrt"
-
-
-class Budget(Enum):
-    epochs = "epochs"
-    steps = "steps"
-
-
-class Precision(Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-# SAM's ε under DDP: from the all-reduced gradient, or each process's own shard (distributed.SAM_MODES)
-DdpSamMode = Enum("DdpSamMode", {"global": "global", "local": "local"})
+# The values a string key may take (config.yaml explains each).
+CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "lr_scaling": ("none", "linear", "sqrt"), "budget": ("epochs", "steps"),
+           "ddp.sam_mode": ("global", "local")}
 
 
 @dataclass
-class DdpSchema:
-    sam_mode: DdpSamMode = DdpSamMode["global"]
+class DdpSettings:
+    sam_mode: str = "global"
     sync_batchnorm: bool = False
 
 
 @dataclass
-class EvalSchema:
+class EvalSettings:
     batch_size: int = 1024
     train_subset: Optional[int] = None
     every: int = 1
 
 
 @dataclass
-class CheckpointSchema:
+class CheckpointSettings:
     every: int = 1
     every_steps: Optional[int] = None
 
 
 @dataclass
-class StopSchema:
+class StopSettings:
     train_acc: Optional[float] = None
     train_loss: Optional[float] = None
 
 
 @dataclass
-class SharpnessSchema:
+class SharpnessSettings:
     measures: Any = "auto"
     rho: float = 0.05
     every: int = 0
@@ -82,20 +64,21 @@ class SharpnessSchema:
 
 
 @dataclass
-class TopLevelSchema:
-    """Types of the keys users type at the top level (see configs/config.yaml for meanings and units)."""
+class Settings:
+    """The keys users type at the top level, typed; defaults are configs/config.yaml's (meanings and units there).
+    `rho` and `lr` have none here: config.yaml takes them from the chosen optimizer."""
 
-    rho: float = 0.05
-    lr: float = 0.05
-    lr_scaling: LrScaling = LrScaling.none
+    rho: float = MISSING
+    lr: float = MISSING
+    lr_scaling: str = "none"
     lr_reference_batch_size: int = 128
     batch_size: int = 128
-    budget: Budget = Budget.epochs
-    epochs: int = 60
+    budget: str = "epochs"
+    epochs: int = 100
     steps: Optional[int] = None
     seed: int = 0
-    device: Device = Device.auto
-    precision: Precision = Precision.auto
+    device: str = "auto"
+    precision: str = "auto"
     compile: bool = False
     data_dir: str = "data"
     label_smoothing: float = 0.0
@@ -103,11 +86,11 @@ class TopLevelSchema:
     progress_every: int = 25
     resume: bool = True
     jobs_per_gpu: int = 1
-    eval: EvalSchema = field(default_factory=EvalSchema)
-    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
-    stop: StopSchema = field(default_factory=StopSchema)
-    sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
-    ddp: DdpSchema = field(default_factory=DdpSchema)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    stop: StopSettings = field(default_factory=StopSettings)
+    sharpness: SharpnessSettings = field(default_factory=SharpnessSettings)
+    ddp: DdpSettings = field(default_factory=DdpSettings)
 
 
 FINITE_KEYS = ("rho", "lr", "label_smoothing", "max_grad_norm", "sharpness.rho", "stop.train_acc", "stop.train_loss")
@@ -126,12 +109,12 @@ def _resolved(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def typed_top_level(cfg: DictConfig) -> DictConfig:
-    """Check the top-level keys against `TopLevelSchema`; return them typed (enums for device/precision)."""
-    names = [f.name for f in fields(TopLevelSchema)]
+def _typed(cfg: DictConfig) -> Settings:
+    """The top-level keys checked against `Settings` (types, unknown nested keys) and returned as its instance."""
+    names = [item.name for item in fields(Settings)]
     try:
         values = {name: _resolved(cfg, name) for name in names if name in cfg}
-        return OmegaConf.merge(OmegaConf.structured(TopLevelSchema), values)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), values))
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error)) from None
 
@@ -139,6 +122,13 @@ def typed_top_level(cfg: DictConfig) -> DictConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _select(settings: Settings, key: str) -> Any:
+    value: Any = settings
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def sharpness_measures(value: Any) -> list[str] | str:
@@ -165,19 +155,22 @@ def sharpness_options(value: Any) -> dict[str, Any]:
     try:
         Options(**options)
     except TypeError as error:
-        names = ", ".join(f.name for f in fields(Options))
+        names = ", ".join(item.name for item in fields(Options))
         raise ConfigError(f"sharpness.options: {error}; valid options: {names}") from None
     return options
 
 
-def validate(cfg: DictConfig) -> DictConfig:
+def validate(cfg: DictConfig) -> Settings:
     """Types, ranges and cross-field rules of a composed config. Returns the typed top-level keys."""
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])))
     _require(not missing, f"{', '.join(missing)} must be set (e.g. `{missing[0] if missing else ''}=mypkg.module.name` "
                           f"for a plug-in)")
-    top = typed_top_level(cfg)
+    top = _typed(cfg)
+    for key, allowed in CHOICES.items():
+        value = _select(top, key)
+        _require(value in allowed, f"{key}: invalid value '{value}'; choose one of: {', '.join(allowed)}")
     for key in FINITE_KEYS:  # inf passes every range check below, and nan fails them with a puzzling message
-        value = OmegaConf.select(top, key)
+        value = _select(top, key)
         _require(value is None or math.isfinite(value), f"{key} must be a finite number (got {value})")
     _require(0 <= top.seed < 2**32, f"seed must be in [0, 2**32 - 1] (got {top.seed}): NumPy takes 32-bit seeds")
     _require(top.rho >= 0, f"rho must be >= 0 (got {top.rho}): it is the radius of the weight perturbation")
@@ -186,7 +179,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(top.epochs > 0, f"epochs must be > 0 (got {top.epochs})")
     _require(top.lr_reference_batch_size > 0,
              f"lr_reference_batch_size must be > 0 samples (got {top.lr_reference_batch_size})")
-    _require(top.budget != Budget.steps or (top.steps is not None and top.steps > 0),
+    _require(top.budget != "steps" or (top.steps is not None and top.steps > 0),
              f"budget=steps needs steps > 0 optimizer updates (got steps={top.steps}): e.g. steps=2000")
     _require(top.stop.train_acc is None or 0 < top.stop.train_acc <= 1,
              f"stop.train_acc must be a fraction in (0, 1] or null (got {top.stop.train_acc})")
@@ -217,7 +210,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     return top
 
 
-def _validate_optimizer(cfg: DictConfig, top: DictConfig) -> None:
+def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
     optimizer = cfg.get("optimizer")
     _require(isinstance(optimizer, DictConfig) and "base" in optimizer and "build" in optimizer.base,
              "optimizer must be a config from configs/optimizer/ (with a `base` optimizer node)")
@@ -229,3 +222,70 @@ def _validate_optimizer(cfg: DictConfig, top: DictConfig) -> None:
              f"optimizer.sam.micro_batch_size must be null or in [1, batch_size={top.batch_size}] (got {m})")
     eta = sam.get("eta", 0.0)
     _require(isinstance(eta, (int, float)) and eta >= 0, f"optimizer.sam.eta must be >= 0 (got {eta})")
+
+
+# -- the run's spec ------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible: use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (no loss scaling needed), fp32 on the CPU."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run's config, typed, checked and resolved once (`make_spec`); nothing below the CLI reads Hydra's config.
+
+    The group nodes are read-only `_target_` configs for the builders (run/build.py).
+    """
+
+    settings: Settings
+    dataset: DictConfig
+    model: DictConfig
+    optimizer: DictConfig
+    scheduler: DictConfig
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16: `precision=auto` resolved for the device
+    config: dict[str, Any]  # the whole config, interpolations resolved, as run.json records it
+    choices: dict[str, str]  # Hydra's group choices (model=cnn1d, ...): the names runs are reported by
+
+    @property
+    def sam(self) -> DictConfig | None:
+        """The SAM node of the optimizer config; None for a plain optimizer."""
+        return self.optimizer.get("sam")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        import torch
+
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+
+def make_spec(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunSpec:
+    """The run's spec from its composed config (without Hydra's own node), validated once."""
+    settings = validate(cfg)
+    device = resolve_device(settings.device)
+    groups = {}
+    for name in ("dataset", "model", "optimizer", "scheduler"):
+        node = OmegaConf.create(OmegaConf.to_container(cfg[name], resolve=True))
+        OmegaConf.set_readonly(node, True)
+        groups[name] = node
+    task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    return RunSpec(settings=settings, device=device, precision=resolve_precision(settings.precision, device),
+                   config=OmegaConf.to_container(task, resolve=True), choices=dict(choices or {}), **groups)
+
+
+def target_name(node: DictConfig) -> str:
+    """A short name for a `_target_` node: the last part of its dotted path."""
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
