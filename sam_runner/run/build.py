@@ -270,10 +270,12 @@ class Training:
     autocast_dtype: torch.dtype | None
     micro_batch_size: int | None  # SAM's m-sharpness chunk; None: the whole batch
     measures: list[str]  # sharpness measures taken during and at the end of the run
-    logbook: Logbook
     clock: Stopwatch
     stop: StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
     team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
+    # Where the records go: attached once the run is built and restored (experiment.py), so a run that refuses to
+    # build or to continue from its checkpoint has written nothing.
+    logbook: Logbook | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -290,8 +292,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team, logbook: Logbook,
-              clock: Stopwatch, stop: StopRequests) -> Training:
+def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team, clock: Stopwatch,
+              stop: StopRequests) -> Training:
     """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
     seed_everything(settings.seed)
     data = team.main_first(build_data, cfg, settings, team.device)  # rank 0 downloads, the others read
@@ -311,5 +313,5 @@ def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team,
                scaler=torch.amp.GradScaler(team.device.type) if precision == "fp16" else None,
                criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                autocast_dtype=AUTOCAST_DTYPES[precision],
-               micro_batch_size=micro_batch_size, measures=measures_for(model, settings), logbook=logbook,
-               clock=clock, stop=stop, team=team)
+               micro_batch_size=micro_batch_size, measures=measures_for(model, settings), clock=clock, stop=stop,
+               team=team)

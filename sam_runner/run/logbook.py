@@ -120,6 +120,21 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def write_run_info(run_dir: Path, argv: list[str], resolved_config: dict[str, Any], device: torch.device, *,
+                   resumed_at_step: int | None = None) -> None:
+    """run.json: the command, config and environment of the run; a continuation is added to `resumes`. Written
+    before any other record, so a directory with sam-run's records and no run.json is not a sam-run's (rundir)."""
+    info = {"argv": argv, "config": resolved_config, **environment(device)}
+    path = run_dir / "run.json"
+    if resumed_at_step is not None:
+        earlier = json.loads(path.read_text())
+        resume = {"argv": argv, "host": info["host"], "at_step": resumed_at_step,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {**earlier, "resumes": [*earlier.get("resumes", []), resume]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(info, path)
+
+
 class Logbook:
     """Writes one run's records into its run directory.
 
@@ -136,18 +151,6 @@ class Logbook:
         self._metrics_file = (run_dir / "metrics.jsonl").open("a")
         if self._metrics_file.tell() > metrics_offset:
             self._metrics_file.truncate(metrics_offset)
-
-    def write_run_info(self, argv: list[str], resolved_config: dict[str, Any], device: torch.device, *,
-                       resumed_at_step: int | None = None) -> None:
-        """run.json: the command, config and environment of the run; a continuation is added to `resumes`."""
-        info = {"argv": argv, "config": resolved_config, **environment(device)}
-        path = self.run_dir / "run.json"
-        if resumed_at_step is not None:
-            earlier = json.loads(path.read_text())
-            resume = {"argv": argv, "host": info["host"], "at_step": resumed_at_step,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            info = {**earlier, "resumes": [*earlier.get("resumes", []), resume]}
-        write_json_atomic(info, path)
 
     def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> int:
         """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step. Returns the size
