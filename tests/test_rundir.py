@@ -1,4 +1,5 @@
-"""Nothing lost: a refused resume changes no file, and starting over removes only what a sam-run wrote."""
+"""Nothing lost: a refused resume changes no file, starting over removes only what a sam-run wrote, and a diverged
+run keeps its last finite checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 from conftest import TINY, read_json, run_cli
+from omegaconf import DictConfig
 from test_resume import in_background
 
 # Written by every attempt (Hydra's log of the command, the lock's holder): not part of the run's records.
@@ -37,6 +41,17 @@ def one_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def composed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str]) -> DictConfig:
+    """The config `sam-run OVERRIDES` runs, for a run in process in `tmp_path` (the working directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from sam_runner.cli.run import CONFIG_DIR
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
 
 
 def preempted(workdir: Path, run_dir: str, *overrides: str) -> None:
@@ -93,3 +108,15 @@ def test_a_directory_no_sam_run_wrote_is_refused_and_starting_over_keeps_the_use
     assert "removed the earlier run's summary.json, metrics.jsonl, checkpoints/last.pt, events.out." in over.stdout
     assert all(path.read_text() == "mine" for path in users)
     assert read_json(workdir / "run" / "run.json")["config"]["lr"] == 0.3
+
+
+def test_a_run_that_diverges_between_epoch_ends_keeps_a_finite_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sam_runner.run import experiment
+
+    cfg = composed(tmp_path, monkeypatch, [*TINY, "epochs=1", "lr=1e6", "checkpoint.every_steps=1"])
+    summary = experiment.run_experiment(cfg, tmp_path / "run")
+    assert summary["status"] == "diverged"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
+    assert 1 <= state["step"] < summary["steps_completed"]
