@@ -1,5 +1,5 @@
-"""Nothing lost: a refused resume changes no file, starting over removes only what a sam-run wrote, and a diverged
-run keeps its last finite checkpoint."""
+"""Nothing lost: a refused resume changes no file, starting over removes only what a sam-run wrote, a diverged run
+keeps its last finite checkpoint, and a torn metrics.jsonl is repaired."""
 
 from __future__ import annotations
 
@@ -120,3 +120,19 @@ def test_a_run_that_diverges_between_epoch_ends_keeps_a_finite_checkpoint(
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
     assert 1 <= state["step"] < summary["steps_completed"]
+
+
+def test_a_resumed_logbook_cuts_metrics_back_to_whole_lines(tmp_path: Path) -> None:
+    """Longer than the checkpoint's offset (a kill after it): cut to the offset. Shorter (a truncated file, a torn
+    last line): cut to the last whole line. Then the next epoch's line follows a whole one."""
+    from sam_runner.run.logbook import Logbook
+
+    lines = [json.dumps({"epoch": epoch, "step": 4 * epoch}) + "\n" for epoch in (1, 2)]
+    metrics = tmp_path / "metrics.jsonl"
+    for written, offset in (("".join(lines) + '{"epoch": 3, "st', len(lines[0]) + len(lines[1])),
+                            (lines[0] + lines[1][:9], len(lines[0]) + len(lines[1]))):
+        metrics.write_text(written)
+        logbook = Logbook(tmp_path, {}, metrics_offset=offset)
+        logbook.log_epoch(9, 36, {"train/loss_seen": 0.5})
+        logbook.close({})
+        assert [line["epoch"] for line in strict_lines(metrics)] == ([1, 2, 9] if len(written) > offset else [1, 9])
