@@ -1,5 +1,5 @@
 """Nothing lost: a refused resume changes no file, starting over removes only what a sam-run wrote, a diverged run
-keeps its last finite checkpoint, and a torn metrics.jsonl is repaired."""
+keeps its last finite checkpoint, a torn metrics.jsonl is repaired, and data_dir may change on resume."""
 
 from __future__ import annotations
 
@@ -136,3 +136,33 @@ def test_a_resumed_logbook_cuts_metrics_back_to_whole_lines(tmp_path: Path) -> N
         logbook.log_epoch(9, 36, {"train/loss_seen": 0.5})
         logbook.close({})
         assert [line["epoch"] for line in strict_lines(metrics)] == ([1, 2, 9] if len(written) > offset else [1, 9])
+
+
+def test_a_value_derived_from_data_dir_may_change_with_it_and_nothing_else() -> None:
+    from sam_runner.run.resume import config_differences
+
+    earlier = {"data_dir": "data", "source": {"cache_dir": "data", "root": "data/cifar"}, "name": "data", "out": "data"}
+    now = {"data_dir": "/scratch/d/", "source": {"cache_dir": "/scratch/d/", "root": "/scratch/d/cifar"},
+           "name": "data", "out": "elsewhere"}
+    assert config_differences(earlier, now) == ["out: data -> elsewhere"]
+
+
+def test_a_run_continues_with_another_data_dir_holding_the_same_data(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed (as by `kill -9`) in its final measurement, in process; continued by `sam-run` from a copy of data/."""
+    from sam_runner.run import experiment, loop
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit(137)
+
+    mnist1d = [*(item for item in TINY if not item.startswith("dataset")), "dataset=mnist1d",
+               "dataset.source.num_samples=400"]
+    monkeypatch.setattr(loop, "measure", killed)
+    with pytest.raises(SystemExit):
+        experiment.run_experiment(composed(workdir, monkeypatch, mnist1d), workdir / "run")
+    shutil.copytree(workdir / "data", workdir / "moved")
+    resumed = run_cli("sam-run", *mnist1d, "data_dir=moved", "hydra.run.dir=run", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing" in resumed.stdout
+    assert read_json(workdir / "run" / "summary.json")["status"] == "completed"
+    assert [line["epoch"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [1, 2]

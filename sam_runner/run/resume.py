@@ -115,14 +115,30 @@ def _earlier_config(run_dir: Path) -> dict[str, Any]:
 
 
 def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME."""
+    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME and values
+    that differ only by the data_dir they were derived from (`cache_dir: ${data_dir}`): data_dir may change."""
     flat_earlier, flat_now = _flatten(earlier), _flatten(now)
     keys = sorted(set(flat_earlier) | set(flat_now))
+    dirs = flat_earlier.get("data_dir"), flat_now.get("data_dir")
     return [f"{key}: {flat_earlier.get(key, '(absent)')} -> {flat_now.get(key, '(absent)')}" for key in keys
-            if key not in IGNORED_ON_RESUME and flat_earlier.get(key, _ABSENT) != flat_now.get(key, _ABSENT)]
+            if key not in IGNORED_ON_RESUME and _differs(flat_earlier.get(key, _ABSENT), flat_now.get(key, _ABSENT),
+                                                         *dirs)]
 
 
 _ABSENT = object()
+
+
+def _differs(earlier: Any, now: Any, earlier_dir: Any, now_dir: Any) -> bool:
+    """Whether a value changed, other than as a path derived from data_dir changes with it: the earlier data_dir,
+    or a path under it, that reads the same under the new one is no difference."""
+    if earlier == now:
+        return False
+    if not all(isinstance(text, str) for text in (earlier, now, earlier_dir, now_dir)):
+        return True
+    if earlier == earlier_dir:
+        return now != now_dir
+    prefix = earlier_dir.rstrip("/") + "/"
+    return not earlier.startswith(prefix) or now != now_dir.rstrip("/") + "/" + earlier[len(prefix):]
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
