@@ -45,7 +45,7 @@ from sam_runner.optim import SAM
 from sam_runner.run import checkpoint, loop, measurement, resume
 from sam_runner.run.build import Training, build_optimizer, build_run, compile_model
 from sam_runner.run.evaluation import generalization
-from sam_runner.run.logbook import Logbook, Stopwatch
+from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.progress import Progress
 from sam_runner.run.spec import make_spec
 from sam_runner.run.stopping import StopRequests
@@ -169,8 +169,8 @@ class Contender:
         self.spec = make_spec(self.cfg)
         self.settings, self.device = self.spec.settings, self.spec.device
         self.run_dir = run_dir / name
-        self.logbook = Logbook(self.run_dir, {})
-        self.run = build_run(self.spec, Team(World(device=self.device)), self.logbook, Stopwatch(), StopRequests())
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # the checkpoints timed are written here
+        self.run = build_run(self.spec, Team(World(device=self.device)), Stopwatch(), StopRequests())
         self.flops = training_flops(self.run.model, *next(iter(self.run.data.train.epoch(0))))
         self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
         bare = build_optimizer(self.spec.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)
@@ -236,9 +236,6 @@ class Contender:
         runner_evaluation(self.run)
         self.bare_epoch()
         synchronize(self.device)
-
-    def close(self) -> None:
-        self.logbook.close({})
 
 
 def median(values: list[float]) -> float:
@@ -357,8 +354,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 contender.time_epoch()
         device = next(iter(contenders.values())).device
         result = report(contenders, args, args.rounds, peak_tflops(device, args.peak_tflops))
-        for contender in contenders.values():
-            contender.close()
     print_tables(result)
     if args.json is not None:
         checkpoint.write_json_atomic(result, args.json)

@@ -241,10 +241,12 @@ class Training:
     autocast_dtype: torch.dtype | None
     micro_batch_size: int | None  # SAM's m-sharpness chunk; None: the whole batch
     measures: list[str]  # sharpness measures taken during and at the end of the run
-    logbook: Logbook
     clock: Stopwatch
     stop: StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
     team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
+    # Where the records go: attached once the run is built and restored (experiment.py), so a run that refuses to
+    # build or to continue from its checkpoint has written nothing.
+    logbook: Logbook | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -261,7 +263,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(spec: RunSpec, team: Team, logbook: Logbook, clock: Stopwatch, stop: StopRequests) -> Training:
+def build_run(spec: RunSpec, team: Team, clock: Stopwatch, stop: StopRequests) -> Training:
     """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
     settings = spec.settings
     seed_everything(settings.seed)
@@ -282,4 +284,4 @@ def build_run(spec: RunSpec, team: Team, logbook: Logbook, clock: Stopwatch, sto
                     scaler=torch.amp.GradScaler(team.device.type) if spec.precision == "fp16" else None,
                     criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                     autocast_dtype=spec.autocast_dtype, micro_batch_size=micro_batch_size,
-                    measures=measures_for(model, settings), logbook=logbook, clock=clock, stop=stop, team=team)
+                    measures=measures_for(model, settings), clock=clock, stop=stop, team=team)

@@ -19,7 +19,7 @@ from sam_runner.run import resume, stopping
 from sam_runner.run.build import build_run
 from sam_runner.run.checkpoint import write_json_atomic
 from sam_runner.run.hyperparameters import HyperParameters
-from sam_runner.run.logbook import Logbook, Stopwatch
+from sam_runner.run.logbook import Logbook, Stopwatch, write_run_info
 from sam_runner.run.loop import fit
 from sam_runner.run.progress import Progress
 from sam_runner.run.spec import RunSpec, make_spec
@@ -55,24 +55,26 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
 
 def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, state: dict[str, Any] | None,
            stop: stopping.StopRequests) -> dict[str, Any]:
-    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended."""
+    """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended. Nothing is
+    written before the run is built and restored: a refusal leaves the run directory as it was."""
     device = team.device
     clock = Stopwatch(state["clock"] if state else None)
-    progress = Progress.from_state(state["progress"], device) if state else Progress()
-    logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
-                           purge_step=progress.logged_step + 1 if state else None)
-    logbook.write_run_info(sys.argv, spec.config, device, resumed_at_step=progress.step if state else None)
+    # Whatever can refuse (the build, a checkpoint that does not fit the model) refuses before a record changes.
+    run = build_run(spec, team, clock, stop)
+    progress = resume.restore(run, state) if state else Progress()
+    team.by_main(write_run_info, run_dir, sys.argv, spec.config, device,
+                 resumed_at_step=progress.step if state else None)
+    run.logbook = logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
+                                         purge_step=progress.logged_step + 1 if state else None)
     summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
     summary.pop("error", None)
-    logbook.write_summary(summary)
     try:
-        run = build_run(spec, team, logbook, clock, stop)
         if state:
-            resume.restore(run, state)
             log.info("continuing %s from epoch %d, batch %d (step %d)", run_dir, progress.epoch + 1, progress.batch,
                      progress.step)
         else:
             summary.update(steps_budget=run.plan.total_steps, target_reached=False if run.plan.has_target else None)
+        logbook.write_summary(summary)
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch | %s -> %s", hparams["dataset"],
                  hparams["model"], _optimizer_label(hparams), device, spec.precision,
                  sum(p.numel() for p in run.network.parameters()), run.plan.steps_per_epoch, run.plan.protocol,

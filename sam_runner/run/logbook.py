@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -120,11 +121,27 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def write_run_info(run_dir: Path, argv: list[str], resolved_config: dict[str, Any], device: torch.device, *,
+                   resumed_at_step: int | None = None) -> None:
+    """run.json: the command, config and environment of the run; a continuation is added to `resumes`. Written
+    before any other record, so a directory with sam-run's records and no run.json is not a sam-run's (rundir)."""
+    info = {"argv": argv, "config": resolved_config, **environment(device)}
+    path = run_dir / "run.json"
+    if resumed_at_step is not None:
+        earlier = json.loads(path.read_text())
+        resume = {"argv": argv, "host": info["host"], "at_step": resumed_at_step,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {**earlier, "resumes": [*earlier.get("resumes", []), resume]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(info, path)
+
+
 class Logbook:
     """Writes one run's records into its run directory.
 
     A continued run passes where its checkpoint left the records: metrics.jsonl is cut back to `metrics_offset`
-    bytes and TensorBoard hides the events from `purge_step` on, so each epoch appears exactly once.
+    bytes (or, when something shortened it below that, to its last whole line) and TensorBoard hides the events
+    from `purge_step` on, so each epoch appears exactly once and every line is whole.
     """
 
     def __init__(self, run_dir: Path, hparams: dict[str, Any], *, metrics_offset: int = 0,
@@ -133,21 +150,8 @@ class Logbook:
         self.hparams = hparams
         run_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
-        self._metrics_file = (run_dir / "metrics.jsonl").open("a")
-        if self._metrics_file.tell() > metrics_offset:
-            self._metrics_file.truncate(metrics_offset)
-
-    def write_run_info(self, argv: list[str], resolved_config: dict[str, Any], device: torch.device, *,
-                       resumed_at_step: int | None = None) -> None:
-        """run.json: the command, config and environment of the run; a continuation is added to `resumes`."""
-        info = {"argv": argv, "config": resolved_config, **environment(device)}
-        path = self.run_dir / "run.json"
-        if resumed_at_step is not None:
-            earlier = json.loads(path.read_text())
-            resume = {"argv": argv, "host": info["host"], "at_step": resumed_at_step,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            info = {**earlier, "resumes": [*earlier.get("resumes", []), resume]}
-        write_json_atomic(info, path)
+        self._metrics_file = (run_dir / "metrics.jsonl").open("a+b")
+        self._metrics_file.truncate(_whole_lines_up_to(self._metrics_file, metrics_offset))
 
     def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> int:
         """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step. Returns the size
@@ -155,7 +159,7 @@ class Logbook:
         for tag, value in metrics.items():
             self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()
-        self._metrics_file.write(strict_json({"epoch": epoch, "step": step, **metrics}) + "\n")
+        self._metrics_file.write((strict_json({"epoch": epoch, "step": step, **metrics}) + "\n").encode())
         self._metrics_file.flush()
         return self._metrics_file.tell()
 
@@ -177,6 +181,16 @@ class Logbook:
                    for key, value in self.hparams.items()}
         for event in hparams_summary(hparams, metrics):
             self._writer.file_writer.add_summary(event)
+
+
+def _whole_lines_up_to(file: BinaryIO, offset: int) -> int:
+    """Where metrics.jsonl is cut on opening: at `offset`, the end of the last line the checkpoint knows, or, when
+    the file is shorter (truncated, or torn by a kill mid-write), after its last whole line."""
+    size = file.seek(0, os.SEEK_END)
+    if size >= offset:
+        return offset
+    file.seek(0)
+    return file.read().rfind(b"\n") + 1
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -12,6 +12,8 @@ import math
 from itertools import islice
 from typing import Any
 
+import torch
+from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -118,11 +120,23 @@ def train_epoch(run: Training, progress: Progress, summary: dict[str, Any]) -> d
 
 
 def save_checkpoint(run: Training, progress: Progress, summary: dict[str, Any]) -> None:
-    """checkpoints/last.pt, replaced atomically: the run as it stands, to be continued exactly (resume.py)."""
+    """checkpoints/last.pt, replaced atomically: the run as it stands, to be continued exactly (resume.py).
+
+    Never with non-finite weights: a diverged model would replace the last finite one, so it is not written."""
     with run.clock("checkpoint"):
         run.team.sync_buffers(run.model)
+        if not _finite(run.network):  # the same on every rank: DDP keeps the weights equal, buffers just synced
+            log.warning("step %d: the weights are not finite; %s keeps the last finite ones", progress.step,
+                        resume.CHECKPOINT)
+            return
         state = resume.checkpoint_state(run, progress, summary)  # under DDP, with every rank's own part
         run.team.by_main(save_atomic, state, run.logbook.run_dir / resume.CHECKPOINT)
+
+
+def _finite(model: nn.Module) -> bool:
+    """Whether every floating-point weight and buffer is finite (one device sync for them all)."""
+    tensors = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
 
 
 def _log_epoch(epoch: int, plan: RunPlan, summary: dict[str, Any], metrics: dict[str, float], evaluated: bool

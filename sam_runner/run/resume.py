@@ -24,6 +24,7 @@ from sam_runner.run import checkpoint, rundir
 from sam_runner.run.build import Training
 from sam_runner.run.logbook import read_summary
 from sam_runner.run.progress import Progress
+from sam_runner.run.rundir import CHECKPOINT
 from sam_runner.scale.distributed import World
 
 log = logging.getLogger("sam_runner")
@@ -31,7 +32,6 @@ log = logging.getLogger("sam_runner")
 # Keys that may differ between a run and its continuation: they change neither the numbers nor the run's meaning.
 IGNORED_ON_RESUME = ("resume", "progress_every", "data_dir", "jobs_per_gpu")
 ENDED = ("completed", "diverged")  # a re-run leaves these as they are
-CHECKPOINT = Path(rundir.CHECKPOINT_DIR) / "last.pt"
 SHOWN_DIFFERENCES = 6
 
 
@@ -50,26 +50,25 @@ class Prior:
 def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool) -> Prior:
     """Decide what to do with `run_dir`'s earlier records, before anything is written there.
 
-    resume=false removes them (asked for, so said in the log). Otherwise the earlier run must have the same
-    config (else a `ConfigError` names the differing keys); an ended run is left alone, a checkpoint is
-    continued from, and records without a checkpoint (a run killed before its first one) are started over.
+    A directory whose files no sam-run wrote (no run.json) is refused either way. resume=false removes the earlier
+    run's records (asked for, so said in the log). Otherwise the earlier run must have the same config (else a
+    `ConfigError` names the differing keys); an ended run is left alone, a checkpoint is continued from, and
+    records without a checkpoint (a run killed before its first one) are started over.
     The checkpoint is read onto the CPU (the random generators' states must be there; the rest moves to the
     device as it is loaded), which also lets rank 0 hand it to the other processes of a DDP run.
     """
     if not rundir.has_records(run_dir):
         return Prior()
+    rundir.refuse_foreign(run_dir)
     if not resume:
-        log.warning("resume=false: removing the earlier run's records in %s and starting over", run_dir)
-        rundir.start_over(run_dir)
+        _start_over(run_dir, "resume=false")
         return Prior()
     refuse_another_config(run_dir, config)
     summary = read_summary(run_dir) or {}
     if summary.get("status") in ENDED:
         return Prior(summary=summary)
     if not (run_dir / CHECKPOINT).is_file():
-        log.warning("%s holds no checkpoint to continue from (the earlier run stopped before its first): "
-                    "starting over", run_dir)
-        rundir.start_over(run_dir)
+        _start_over(run_dir, "no checkpoint to continue from (the earlier run stopped before its first)")
         return Prior()
     state = checkpoint.load(run_dir / CHECKPOINT)  # on the CPU: RNG states must stay there; restore moves the rest
     if "progress" not in state:
@@ -78,12 +77,19 @@ def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool) -> Prior:
     return Prior(checkpoint=state)
 
 
+def _start_over(run_dir: Path, reason: str) -> None:
+    removed = rundir.start_over(run_dir)
+    log.warning("%s: removed the earlier run's %s from %s, starting over", reason, ", ".join(removed) or "records",
+                run_dir)
+
+
 def check_before_launch(run_dir: Path, config: dict[str, Any], *, resume: bool) -> None:
     """What `inspect` refuses, checked before Hydra writes its .hydra/ files into the directory of a single run:
-    a directory another run holds, or one that holds a run with another config."""
+    a directory another run holds, files no sam-run wrote, or a run with another config."""
     if not rundir.has_records(run_dir):
         return
     rundir.refuse_if_held(run_dir)
+    rundir.refuse_foreign(run_dir)
     if resume:
         refuse_another_config(run_dir, config)
 
@@ -109,14 +115,30 @@ def _earlier_config(run_dir: Path) -> dict[str, Any]:
 
 
 def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME."""
+    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME and values
+    that differ only by the data_dir they were derived from (`cache_dir: ${data_dir}`): data_dir may change."""
     flat_earlier, flat_now = _flatten(earlier), _flatten(now)
     keys = sorted(set(flat_earlier) | set(flat_now))
+    dirs = flat_earlier.get("data_dir"), flat_now.get("data_dir")
     return [f"{key}: {flat_earlier.get(key, '(absent)')} -> {flat_now.get(key, '(absent)')}" for key in keys
-            if key not in IGNORED_ON_RESUME and flat_earlier.get(key, _ABSENT) != flat_now.get(key, _ABSENT)]
+            if key not in IGNORED_ON_RESUME and _differs(flat_earlier.get(key, _ABSENT), flat_now.get(key, _ABSENT),
+                                                         *dirs)]
 
 
 _ABSENT = object()
+
+
+def _differs(earlier: Any, now: Any, earlier_dir: Any, now_dir: Any) -> bool:
+    """Whether a value changed, other than as a path derived from data_dir changes with it: the earlier data_dir,
+    or a path under it, that reads the same under the new one is no difference."""
+    if earlier == now:
+        return False
+    if not all(isinstance(text, str) for text in (earlier, now, earlier_dir, now_dir)):
+        return True
+    if earlier == earlier_dir:
+        return now != now_dir
+    prefix = earlier_dir.rstrip("/") + "/"
+    return not earlier.startswith(prefix) or now != now_dir.rstrip("/") + "/" + earlier[len(prefix):]
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,12 +1,11 @@
 """One run directory, one run: a lock that a second run started on the same directory reports, the cleanup of
-what a killed run left half-written, and starting over when asked."""
+what a killed run left half-written, and starting over when asked, which removes only what a sam-run wrote."""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,8 @@ LOCK_NAME = ".lock"
 RECORD_FILES = ("summary.json", "run.json", "metrics.jsonl")
 RECORD_GLOBS = ("events.out.tfevents.*",)
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT = Path(CHECKPOINT_DIR) / "last.pt"
+RUN_INFO = "run.json"  # written first by every sam-run: the mark of a directory whose records are a sam-run's
 
 
 @contextmanager
@@ -71,15 +72,30 @@ def remove_leftovers(run_dir: Path) -> None:
 
 
 def has_records(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in (*RECORD_FILES, CHECKPOINT_DIR)) or \
-        any(any(run_dir.glob(pattern)) for pattern in RECORD_GLOBS)
+    return bool(_records_found(run_dir)) or (run_dir / CHECKPOINT_DIR).exists()
 
 
-def start_over(run_dir: Path) -> None:
-    """Remove a previous run's records (summary, metrics, TensorBoard events, checkpoints) from `run_dir`."""
-    for name in RECORD_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for pattern in RECORD_GLOBS:
-        for path in run_dir.glob(pattern):
-            path.unlink()
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+def _records_found(run_dir: Path) -> list[str]:
+    """The names of sam-run's records present in `run_dir`, relative to it."""
+    found = [name for name in (*RECORD_FILES, str(CHECKPOINT)) if (run_dir / name).is_file()]
+    return found + sorted(path.name for pattern in RECORD_GLOBS for path in run_dir.glob(pattern))
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """Refuse a directory holding files by sam-run's names (or a checkpoints/ folder) but no run.json: whatever
+    wrote them, it was not a sam-run, so they are neither continued nor removed."""
+    if has_records(run_dir) and not (run_dir / RUN_INFO).is_file():
+        found = _records_found(run_dir) or [f"{CHECKPOINT_DIR}/"]
+        raise ConfigError(f"{run_dir} holds files that no sam-run wrote ({', '.join(found)}; no {RUN_INFO}): "
+                          f"choose another hydra.run.dir")
+
+
+def start_over(run_dir: Path) -> list[str]:
+    """Remove an earlier sam-run's records (summary, metrics, TensorBoard events, its checkpoint) from `run_dir`,
+    and nothing else: a user's own files there stay. run.json stays until the new run replaces it (its first
+    write), so that a start that fails before then leaves a directory still marked as a sam-run's. Returns the
+    names removed."""
+    removed = [name for name in _records_found(run_dir) if name != RUN_INFO]
+    for name in removed:
+        (run_dir / name).unlink()
+    return removed

@@ -135,9 +135,6 @@ class SilentLogbook:
     def __init__(self, run_dir: Path, *args: Any, **kwargs: Any) -> None:
         self.run_dir = run_dir
 
-    def write_run_info(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
     def log_epoch(self, *args: Any) -> int:
         return 0
 

@@ -1,0 +1,33 @@
+"""How a run stands or ended: the one vocabulary of summary.json's `status`, the resume rules and the reports."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Status(str, Enum):
+    """A run's status as summary.json records it (the value, a plain string there)."""
+
+    RUNNING = "running"  # training, or killed without a chance to say otherwise (kill -9, power loss)
+    COMPLETED = "completed"  # trained its budget (or reached its target) and took its final measurements
+    DIVERGED = "diverged"  # the training loss became non-finite; the last finite checkpoint is kept
+    PREEMPTED = "preempted"  # stopped by SIGTERM/SIGUSR1/SIGUSR2 after a checkpoint: the same command continues it
+    INTERRUPTED = "interrupted"  # stopped by Ctrl-C: the same command continues it from the last checkpoint
+    FAILED = "failed"  # an error ended it (the summary's `error` says which)
+    DUPLICATE = "duplicate"  # a plain optimizer's run at a rho other than the sweep's first: not trained
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def ended(self) -> bool:
+        """Nothing is left to train: a re-run leaves the run as it is, and its HParams record is written."""
+        return self in (Status.COMPLETED, Status.DIVERGED)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more is needed of the run: a sweep whose runs all finished exits 0."""
+        return self in (Status.COMPLETED, Status.DUPLICATE)
