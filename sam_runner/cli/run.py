@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import FINISHED, SweepTable
 from sam_runner.run import spec as config_schema
-from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped
+from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, stop_at_once
 from sam_runner.scale import torchrun_env
 from sam_runner.scale.slurm import JobLost
 
@@ -238,16 +238,17 @@ def _hydra_job(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
-    args = hydra_arguments(sys.argv[1:])
+    stop_at_once()  # a stop during start-up (seconds of imports and pre-flight) is one line and 75/130 too
     try:
-        preflight(args)
-    except SamRunnerError as error:
-        _fail(error)
-    sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in processes other than rank 0
-    first_rho = _first_rho(args.overrides) if args.multirun else None
-    if first_rho is not None:
-        os.environ[PLAIN_RHO_ENV] = first_rho
-    try:
+        args = hydra_arguments(sys.argv[1:])
+        try:
+            preflight(args)
+        except SamRunnerError as error:
+            _fail(error)
+        sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
+        first_rho = _first_rho(args.overrides) if args.multirun else None
+        if first_rho is not None:
+            os.environ[PLAIN_RHO_ENV] = first_rho
         _hydra_job()
     except (RunStopped, JobLost, KeyboardInterrupt) as stopped:
         if SweepTable.sweep_dir is not None:  # a stop ends the whole sweep: show where every job got to
