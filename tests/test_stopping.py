@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,30 @@ from test_resume import assert_same_run, checkpointed_step, in_background, metri
 # probes.
 SLOWLY_MEASURED = [*TINY, "sharpness.measures=[trace]", "+sharpness.options={trace_probes:1000}"]
 FINAL_STEP = 8  # TINY: 2 epochs of 4 batches
+# A model plug-in whose import makes every TensorBoard record write fail as on a full disk: in TensorBoard's own
+# writer thread, the first to write.
+FULL_DISK_FOR_TENSORBOARD = textwrap.dedent("""
+    import errno
+
+    import torch
+    from tensorboard.summary.writer import record_writer
+
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+    record_writer.RecordWriter.write = full
+
+
+    class Net(torch.nn.Module):
+        def __init__(self, num_classes, input_shape):
+            super().__init__()
+            self.layer = torch.nn.Linear(40, num_classes)
+
+        def forward(self, x):
+            return self.layer(x.flatten(1))
+""")
 
 
 def checksums(run_dir: Path) -> dict[str, str]:
@@ -155,3 +180,13 @@ def test_the_measurement_gives_up_when_asked_and_leaves_the_weights_as_they_were
     assert len(asked) == 6, "asked before every pass, and not again once it said stop"
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     assert model.training, "the model's mode is back too"
+
+
+def test_a_full_disk_in_the_tensorboard_writer_thread_is_the_run_s_one_line_error(workdir: Path) -> None:
+    (workdir / "full_disk_plugin.py").write_text(FULL_DISK_FOR_TENSORBOARD)
+    result = run_cli("sam-run", *TINY, "model=custom", "model._target_=full_disk_plugin.Net", "sharpness.measures=[]",
+                     "hydra.run.dir=run", cwd=workdir, extra_env={"PYTHONPATH": str(workdir)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], "no traceback from the thread"
+    assert result.stderr.startswith("sam-run: error: out of disk space (No space left on device)")
+    assert read_json(workdir / "run" / "summary.json")["status"] == "failed"

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -236,9 +237,24 @@ def _hydra_job(cfg: DictConfig) -> float | None:
     return objective(summary)
 
 
+def _leave_kept_thread_errors_to_the_run() -> None:
+    """TensorBoard's writer thread keeps the error that ends it (a full disk) and raises it again in the run's
+    next write, where it becomes the run's one-line error and its `failed` summary; Python's default hook would
+    print the thread's traceback before that line. Every other thread's error is shown as usual."""
+    show = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        kept = getattr(args.thread, "exception", None) is args.exc_value is not None
+        if not (kept and type(args.thread).__module__.startswith("tensorboard.")):
+            show(args)
+
+    threading.excepthook = hook
+
+
 def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
     stop_at_once()  # a stop during start-up (seconds of imports and pre-flight) is one line and 75/130 too
+    _leave_kept_thread_errors_to_the_run()
     try:
         args = hydra_arguments(sys.argv[1:])
         try:
