@@ -119,7 +119,8 @@ def train_epoch(run: Training, progress: Progress, summary: dict[str, Any]) -> d
 def _measure_unless_stopped(run: Training, epoch: int, step: int) -> dict[str, Any]:
     """The measurement at the end of `epoch`, given up as soon as the run is asked to stop: a measurement can take
     minutes, longer than a scheduler's grace period. The checkpoint before it is written, so the stop is
-    recorded as one after `step`, and the continued run measures again."""
+    recorded as one after `step`, and the continued run measures again. Each process asks its own flag, with no
+    collective per pass (the ranks' passes need not line up): a stop signal reaches every rank of a job."""
     try:
         with run.clock("sharpness"):
             return measure(run.network, run.data.sharpness, run.measures, run.settings, epoch=epoch, step=step,
