@@ -75,7 +75,8 @@ class StopRequests:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signal = self.signal or received
         hint = " (Ctrl-C again to stop at once)" if received == signal.SIGINT else ""
-        log.warning("%s received: stopping after the current step, with a checkpoint%s", received.name, hint)
+        log.warning("%s received: stopping after the current step (a measurement: at once), with a checkpoint%s",
+                    received.name, hint)
 
 
 def _status(received: signal.Signals) -> str:
