@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from sam_runner.errors import ConfigError
 
-__all__ = ["MEASURES", "CHEAP_PARAMETER_LIMIT", "MeasureError", "Options", "default_measures", "measure"]
+__all__ = ["MEASURES", "CHEAP_PARAMETER_LIMIT", "MeasureError", "MeasurementStopped", "Options", "default_measures",
+           "measure"]
 
 MEASURES = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
 CHEAP_PARAMETER_LIMIT = 1_000_000  # above it, `default_measures` drops the 100-HVP / 100-forward estimators
@@ -36,6 +37,10 @@ Criterion = Callable[[Tensor, Tensor], Tensor]
 
 class MeasureError(ConfigError, ValueError):
     """An unknown measure or option, or a value out of range: a config problem the user fixes."""
+
+
+class MeasurementStopped(Exception):
+    """`measure`'s `should_stop` asked it to stop; the weights are back as they were, no value was computed."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ def measure(
     rho: float,
     measures: Sequence[str] = MEASURES,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
     **options: float | int | bool,
 ) -> dict[str, float]:
     """Sharpness of `model` at its current weights: one key per requested measure, plus the documented extras.
@@ -98,12 +104,15 @@ def measure(
     S * (keskar_steps + 1) F+B over S = 1 + keskar_random_starts starts (+2 when lambda_max or alignment is
     requested too); a start stops early when a jump no longer raises L.
     Seeded by `seed` through local generators; the global RNG is untouched.
+    `should_stop`, if given, is asked before every batch pass and Hessian-vector product, so that a caller
+    asked to stop (a pre-empted job) need not wait for a measurement that can take minutes: when it answers
+    True, `measure` raises MeasurementStopped.
     """
     names = _checked_measures(measures)
     settings = _checked_options(options)
     if rho <= 0 and any(name in _NEEDS_RHO for name in names):
         raise MeasureError(f"sharpness radius rho must be positive for {', '.join(_NEEDS_RHO)}, got {rho}")
-    landscape = _Landscape(model, criterion, batches, rho=rho, seed=seed, options=settings)
+    landscape = _Landscape(model, criterion, batches, rho=rho, seed=seed, options=settings, should_stop=should_stop)
     modes = {module: module.training for module in model.modules()}
     model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout is off
     results: dict[str, float] = {}
@@ -177,7 +186,7 @@ class _Landscape:
     """L, its gradient and Hessian-vector products over all batches, at w or at w + v (flat vectors v)."""
 
     def __init__(self, model: nn.Module, criterion: Criterion, batches: Sequence[Batch], *, rho: float,
-                 seed: int, options: Options) -> None:
+                 seed: int, options: Options, should_stop: Callable[[], bool] | None = None) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise MeasureError("the model has no parameters that require grad: nothing to measure")
@@ -187,6 +196,7 @@ class _Landscape:
             raise MeasureError("sharpness needs at least one (inputs, targets) batch with samples")
         self.weighted_batches = [(inputs, targets, len(targets) / total) for inputs, targets in batches]
         self.model, self.criterion, self.rho, self.seed, self.options = model, criterion, rho, seed, options
+        self.should_stop = should_stop
         self.origin = [p.detach().clone() for p in self.params]
         self.w = torch.cat([p.reshape(-1) for p in self.origin])
         self.bar = tqdm(disable=not options.progress, unit="batch", desc="sharpness")
@@ -236,8 +246,13 @@ class _Landscape:
             for p, p0 in zip(self.params, self.origin):
                 p.copy_(p0)
 
+    def _stop_if_asked(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise MeasurementStopped("the sharpness measurement was asked to stop")
+
     def _batch_losses(self) -> Iterator[tuple[Tensor, float]]:
         for inputs, targets, weight in self.weighted_batches:
+            self._stop_if_asked()
             yield self.criterion(self.model(inputs), targets), weight
             self.bar.update()
 
@@ -265,6 +280,7 @@ class _Landscape:
 
     def _batch_hvp(self, grads: list[Tensor], live: list[int], weight: float) -> Callable[[Tensor], Tensor]:
         def product(vector: Tensor) -> Tensor:
+            self._stop_if_asked()  # trace runs trace_probes products on one batch's graph
             if not grads:
                 return torch.zeros_like(vector)
             chunks = self._split(vector)

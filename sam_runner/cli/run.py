@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import FINISHED, SweepTable
 from sam_runner.run.spec import validate
-from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped
+from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, stop_at_once
 from sam_runner.scale import torchrun_env
 from sam_runner.scale.slurm import JobLost
 
@@ -236,18 +237,34 @@ def _hydra_job(cfg: DictConfig) -> float | None:
     return objective(summary)
 
 
+def _leave_kept_thread_errors_to_the_run() -> None:
+    """TensorBoard's writer thread keeps the error that ends it (a full disk) and raises it again in the run's
+    next write, where it becomes the run's one-line error and its `failed` summary; Python's default hook would
+    print the thread's traceback before that line. Every other thread's error is shown as usual."""
+    show = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        kept = getattr(args.thread, "exception", None) is args.exc_value is not None
+        if not (kept and type(args.thread).__module__.startswith("tensorboard.")):
+            show(args)
+
+    threading.excepthook = hook
+
+
 def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
-    args = hydra_arguments(sys.argv[1:])
+    stop_at_once()  # a stop during start-up (seconds of imports and pre-flight) is one line and 75/130 too
+    _leave_kept_thread_errors_to_the_run()
     try:
-        preflight(args)
-    except SamRunnerError as error:
-        _fail(error)
-    sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in processes other than rank 0
-    first_rho = _first_rho(args.overrides) if args.multirun else None
-    if first_rho is not None:
-        os.environ[PLAIN_RHO_ENV] = first_rho
-    try:
+        args = hydra_arguments(sys.argv[1:])
+        try:
+            preflight(args)
+        except SamRunnerError as error:
+            _fail(error)
+        sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
+        first_rho = _first_rho(args.overrides) if args.multirun else None
+        if first_rho is not None:
+            os.environ[PLAIN_RHO_ENV] = first_rho
         _hydra_job()
     except (RunStopped, JobLost, KeyboardInterrupt) as stopped:
         if SweepTable.sweep_dir is not None:  # a stop ends the whole sweep: show where every job got to

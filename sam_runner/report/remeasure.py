@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sam_runner.errors import ConfigError
 from sam_runner.report import saved_run
+from sam_runner.run import rundir
 from sam_runner.run.checkpoint import write_json_atomic
 from sam_runner.run.logbook import read_summary
 from sam_runner.run.measurement import add_measurement, measure, measures_for
@@ -15,7 +16,12 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
                        rho: float | None = None, num_samples: int | None = None, device: str | None = None
                        ) -> dict[str, float]:
     """Rebuild a finished (or interrupted) run from run.json, load its weights, measure them and add the
-    measurement to its summary.json beside the earlier ones."""
+    measurement to its summary.json beside the earlier ones.
+
+    A run still training is refused: it rewrites summary.json. The run directory is held (its lock) while
+    measuring, so that no run starts there before the measurement is written; a run continued later keeps it.
+    """
+    rundir.refuse_if_held(run_dir)  # before the (possibly slow) rebuild
     run = saved_run.load(run_dir, checkpoint_path=checkpoint_path,
                          overrides={"sharpness.measures": measures, "sharpness.rho": rho,
                                     "sharpness.num_samples": num_samples, "device": device})
@@ -23,9 +29,10 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     if not measures:
         raise ConfigError("no sharpness measure selected (the run trained with sharpness.measures=[]): pass "
                           "--measures auto or a comma-separated list")
-    record = measure(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
-                     step=run.state.get("step", 0), source="sam-measure")
-    summary = read_summary(run_dir) or {}
-    add_measurement(summary, record)
-    write_json_atomic(summary, run_dir / "summary.json")
+    with rundir.claim(run_dir, tidy=False):
+        record = measure(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
+                         step=run.state.get("step", 0), source="sam-measure")
+        summary = read_summary(run_dir) or {}
+        add_measurement(summary, record)
+        write_json_atomic(summary, run_dir / "summary.json")
     return record["values"]

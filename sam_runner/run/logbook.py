@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -149,9 +150,15 @@ class Logbook:
         self.run_dir = run_dir
         self.hparams = hparams
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self._purge_step = purge_step
         self._metrics_file = (run_dir / "metrics.jsonl").open("a+b")
         self._metrics_file.truncate(_whole_lines_up_to(self._metrics_file, metrics_offset))
+
+    @cached_property
+    def _writer(self) -> SummaryWriter:
+        """Opened at the first event, inside the run's own error handling: a writer that fails (a full disk) ends
+        the run with a record that says so."""
+        return SummaryWriter(log_dir=str(self.run_dir), purge_step=self._purge_step)
 
     def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> int:
         """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step. Returns the size
@@ -171,7 +178,8 @@ class Logbook:
         run has ended; a run that stopped to be continued gets it when it ends."""
         if summary.get("status") in ("completed", "diverged"):
             self._write_hparams(summary)
-        self._writer.close()
+        if "_writer" in self.__dict__:  # opened
+            self._writer.close()
         self._metrics_file.close()
 
     def _write_hparams(self, summary: dict[str, Any]) -> None:

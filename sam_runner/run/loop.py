@@ -26,6 +26,7 @@ from sam_runner.run.measurement import add_measurement, measure
 from sam_runner.run.plan import RunPlan, at_chance
 from sam_runner.run.progress import Progress
 from sam_runner.scale import distributed
+from sam_runner.sharpness import MeasurementStopped
 
 log = logging.getLogger("sam_runner")
 
@@ -68,9 +69,7 @@ def fit(run: Training, summary: dict[str, Any], progress: Progress) -> None:
             every = run.settings.sharpness.every
             if run.measures and not diverged and (ending or (every and (epoch + 1) % every == 0)):
                 save_checkpoint(run, progress, summary)  # the epoch is safe before the (possibly long) measurement
-                with clock("sharpness"):
-                    record = measure(run.network, run.data.sharpness, run.measures, run.settings, epoch=epoch + 1,
-                                     step=step, source="sam-run")
+                record = _measure_unless_stopped(run, epoch + 1, step)
                 add_measurement(summary, record)
                 metrics.update({f"sharpness/{name}": value for name, value in record["values"].items()})
             progress.metrics_offset, progress.logged_step = logbook.log_epoch(epoch + 1, step, metrics), step
@@ -117,6 +116,19 @@ def train_epoch(run: Training, progress: Progress, summary: dict[str, Any]) -> d
             save_checkpoint(run, progress, summary)
     run.team.sync_buffers(run.model)  # rank 0's BatchNorm statistics everywhere, for evaluation and measures
     return run.team.combined(progress.totals).means()
+
+
+def _measure_unless_stopped(run: Training, epoch: int, step: int) -> dict[str, Any]:
+    """The measurement at the end of `epoch`, given up as soon as the run is asked to stop: a measurement can take
+    minutes, longer than a scheduler's grace period. The checkpoint before it is written, so the stop is
+    recorded as one after `step`, and the continued run measures again. Each process asks its own flag, with no
+    collective per pass (the ranks' passes need not line up): a stop signal reaches every rank of a job."""
+    try:
+        with run.clock("sharpness"):
+            return measure(run.network, run.data.sharpness, run.measures, run.settings, epoch=epoch, step=step,
+                           source="sam-run", should_stop=lambda: run.stop.requested)
+    except MeasurementStopped:
+        raise run.stop.stopped(step) from None
 
 
 def save_checkpoint(run: Training, progress: Progress, summary: dict[str, Any]) -> None:

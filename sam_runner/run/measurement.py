@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -27,16 +28,19 @@ def measures_for(model: nn.Module, settings: Settings) -> list[str]:
 
 
 def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: list[str],
-            settings: Settings, *, epoch: int, step: int, source: str) -> dict[str, Any]:
+            settings: Settings, *, epoch: int, step: int, source: str,
+            should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode).
 
     Returns a measurement record: the values with everything needed to compare them (radius, samples, every
-    option with its default filled in, the model mode, where in training and by what it was taken).
+    option with its default filled in, the model mode, where in training and by what it was taken). Raises
+    sharpness.MeasurementStopped as soon as `should_stop` says so (a stop request while a run measures).
     """
     started = time.perf_counter()
     options = sharpness_options(settings.sharpness.options)
     values = sharpness.measure(model, nn.CrossEntropyLoss(), batches, rho=settings.sharpness.rho,
-                               measures=measures, seed=settings.seed, progress=SHOW_PROGRESS, **options)
+                               measures=measures, seed=settings.seed, should_stop=should_stop, progress=SHOW_PROGRESS,
+                               **options)
     seconds = time.perf_counter() - started
     log.info("sharpness at epoch %d, step %d (%.1fs): %s", epoch, step, seconds,
              ", ".join(f"{name} {value:.4g}" for name, value in values.items()))
@@ -52,3 +56,12 @@ def add_measurement(summary: dict[str, Any], record: dict[str, Any]) -> None:
     summary["measurements"] = [*summary.get("measurements", []), record]
     if record["source"] == "sam-run" or "sharpness" not in summary:
         summary["sharpness"] = record["values"]
+
+
+def keep_remeasurements(summary: dict[str, Any], on_disk: dict[str, Any]) -> None:
+    """Add to a checkpoint's `summary`, which a continued run goes on from, the sam-measure records that
+    summary.json holds and it lacks: taken after the checkpoint was written, they would be lost when the continued
+    run rewrites summary.json."""
+    for record in on_disk.get("measurements", []):
+        if record.get("source") == "sam-measure" and record not in summary.get("measurements", []):
+            add_measurement(summary, record)

@@ -23,6 +23,7 @@ from sam_runner.errors import CheckpointError, ConfigError
 from sam_runner.run import checkpoint, rundir
 from sam_runner.run.build import Training
 from sam_runner.run.logbook import read_summary
+from sam_runner.run.measurement import keep_remeasurements
 from sam_runner.run.progress import Progress
 from sam_runner.run.rundir import CHECKPOINT
 from sam_runner.scale.distributed import World
@@ -74,6 +75,7 @@ def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool) -> Prior:
     if "progress" not in state:
         raise CheckpointError(f"{run_dir / CHECKPOINT} was written by an older sam-runner and cannot be continued "
                               f"exactly: add resume=false to start over")
+    keep_remeasurements(state["summary"], summary)
     return Prior(checkpoint=state)
 
 

@@ -26,8 +26,9 @@ RUN_INFO = "run.json"  # written first by every sam-run: the mark of a directory
 
 
 @contextmanager
-def claim(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir` for the duration of a run; refuse it while another process holds it.
+def claim(run_dir: Path, *, tidy: bool = True) -> Iterator[None]:
+    """Hold `run_dir` for the duration of a run; refuse it while another process holds it. `tidy=False` (sam-measure,
+    which only adds to a run's summary) leaves what a killed run left half-written to the run's own next start.
 
     An advisory `flock` on run_dir/.lock: the kernel releases it when its holder exits, even on `kill -9`, so a
     dead run never blocks the next one. (Some network file systems do not support flock; the runs of one sweep
@@ -40,7 +41,8 @@ def claim(run_dir: Path) -> Iterator[None]:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
-        remove_leftovers(run_dir)
+        if tidy:
+            remove_leftovers(run_dir)
         yield
     finally:
         handle.close()  # releases the lock
@@ -59,8 +61,8 @@ def _lock(handle: TextIO, run_dir: Path) -> None:
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
-        raise ConfigError(f"{run_dir} is in use by another sam-run ({holder}): wait for it to end, or choose "
-                          f"another hydra.run.dir") from None
+        raise ConfigError(f"{run_dir} is in use by another sam-run ({holder}): wait for it to end (or, for a "
+                          f"new run, choose another hydra.run.dir)") from None
 
 
 def remove_leftovers(run_dir: Path) -> None:

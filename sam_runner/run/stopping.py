@@ -1,10 +1,15 @@
 """Stopping a run on request: SIGTERM, SIGUSR1 and submitit's SIGUSR2 (a cluster pre-empting the job, or its
 time limit near) and SIGINT (Ctrl-C).
 
-A signal only raises a flag; the trainer looks at it between optimizer steps, writes a checkpoint there and
-raises `RunStopped`, so the run can be continued exactly by re-running its command. A second Ctrl-C stops at
-once (the last checkpoint is still there to resume from). A handler that was installed before ours for the
-stopping signal (submitit's, which requeues the job) runs once the checkpoint is written.
+While a run trains, a signal only raises a flag; the trainer looks at it between optimizer steps, writes a
+checkpoint there and raises `RunStopped`, so the run can be continued exactly by re-running its command. A
+sharpness measurement looks at it between its batch passes and gives up (the checkpoint before it is written;
+the continued run measures again). A second Ctrl-C stops at once (the last checkpoint is still there to resume
+from). A handler that was installed before ours for the stopping signal (submitit's, which requeues the job) runs
+once the checkpoint is written.
+
+While no run trains (start-up: the pre-flight, Hydra, building a run; between the jobs of a sweep) there is
+nothing to checkpoint, so `stop_at_once` makes a signal end the process at once, as `RunStopped`.
 """
 
 from __future__ import annotations
@@ -61,9 +66,8 @@ class StopRequests:
     def stopped(self, step: int) -> RunStopped:
         """The exception to raise once the checkpoint at `step` is written."""
         assert self.signal is not None
-        status = "interrupted" if self.signal == signal.SIGINT else "preempted"
-        return RunStopped(status, f"stopped by {self.signal.name} after step {step}; the checkpoint there is "
-                                  f"written: re-run the same command to continue")
+        return RunStopped(_status(self.signal), f"stopped by {self.signal.name} after step {step}; the checkpoint "
+                                                f"there is written: re-run the same command to continue")
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         received = signal.Signals(number)
@@ -71,7 +75,26 @@ class StopRequests:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signal = self.signal or received
         hint = " (Ctrl-C again to stop at once)" if received == signal.SIGINT else ""
-        log.warning("%s received: stopping after the current step, with a checkpoint%s", received.name, hint)
+        log.warning("%s received: stopping after the current step (a measurement: at once), with a checkpoint%s",
+                    received.name, hint)
+
+
+def _status(received: signal.Signals) -> str:
+    return "interrupted" if received == signal.SIGINT else "preempted"
+
+
+def _stop_now(number: int, frame: FrameType | None) -> None:
+    received = signal.Signals(number)
+    raise RunStopped(_status(received), f"stopped by {received.name} while no run was training (nothing to "
+                                        f"checkpoint): re-run the same command to go on")
+
+
+def stop_at_once() -> None:
+    """From now on, outside `stop_requests`, SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C raise `RunStopped` at once: one
+    line and exit code 75 or 130 from the entry point, instead of death by signal (143) or a KeyboardInterrupt
+    traceback in the middle of start-up. From the main thread only (as every signal handler)."""
+    for number in (*PREEMPTING, signal.SIGINT):
+        signal.signal(number, _stop_now)
 
 
 @contextmanager
@@ -92,7 +115,7 @@ def stop_requests() -> Iterator[StopRequests]:
         yield requests
     except RunStopped:
         handed_on = previous.get(requests.signal)
-        if requests.signal in PREEMPTING and callable(handed_on):
+        if requests.signal in PREEMPTING and callable(handed_on) and handed_on is not _stop_now:
             handed_on(requests.signal, None)
         raise
     finally:

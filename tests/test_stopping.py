@@ -1,0 +1,192 @@
+"""Stop requests outside the training steps (start-up, a sharpness measurement) and `sam-measure` beside a run that
+trains or will be continued: nothing is lost, every ending is one line with its exit code."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY, read_json, run_cli
+from test_endings import strict_json
+from test_resume import assert_same_run, checkpointed_step, in_background, metric_lines
+
+# TINY with an end-of-run measurement slow enough (a few seconds) to be stopped in: 8 steps, then a trace of many
+# probes.
+SLOWLY_MEASURED = [*TINY, "sharpness.measures=[trace]", "+sharpness.options={trace_probes:1000}"]
+FINAL_STEP = 8  # TINY: 2 epochs of 4 batches
+# A model plug-in whose import makes every TensorBoard record write fail as on a full disk: in TensorBoard's own
+# writer thread, the first to write.
+FULL_DISK_FOR_TENSORBOARD = textwrap.dedent("""
+    import errno
+
+    import torch
+    from tensorboard.summary.writer import record_writer
+
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+    record_writer.RecordWriter.write = full
+
+
+    class Net(torch.nn.Module):
+        def __init__(self, num_classes, input_shape):
+            super().__init__()
+            self.layer = torch.nn.Linear(40, num_classes)
+
+        def forward(self, x):
+            return self.layer(x.flatten(1))
+""")
+
+
+def checksums(run_dir: Path) -> dict[str, str]:
+    return {str(path.relative_to(run_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(run_dir.rglob("*")) if path.is_file()}
+
+
+def assert_strict_metrics(run_dir: Path) -> None:
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+
+
+def caught_signals(pid: int) -> int:
+    """The bit mask of signals process `pid` handles itself (Linux /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+
+
+def handles(process: subprocess.Popen[str], number: int) -> bool:
+    return process.poll() is None and bool(caught_signals(process.pid) >> (number - 1) & 1)
+
+
+@pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
+                                                             (signal.SIGINT, "interrupted", 130)])
+def test_a_stop_during_the_measurement_ends_the_run_at_once_and_the_rerun_measures_again(
+        workdir: Path, stop_signal: signal.Signals, status: str, code: int) -> None:
+    process = in_background(workdir, *SLOWLY_MEASURED, "hydra.run.dir=run")
+    checkpoint = workdir / "run" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and checkpointed_step(checkpoint)[0] < FINAL_STEP:  # written before measuring
+        assert time.monotonic() < deadline, "the run never reached its final measurement"
+        time.sleep(0.01)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name} after step "
+                                           f"{FINAL_STEP}; the checkpoint there is written: re-run the same command "
+                                           f"to continue"]
+    summary = read_json(workdir / "run" / "summary.json")
+    assert summary["status"] == status and "measurements" not in summary
+    assert checkpointed_step(checkpoint)[0] == FINAL_STEP
+    if stop_signal == signal.SIGINT:
+        return  # the continuation is the same as SIGTERM's
+    assert run_cli("sam-run", *SLOWLY_MEASURED, "hydra.run.dir=reference", cwd=workdir).returncode == 0
+    resumed = run_cli("sam-run", *SLOWLY_MEASURED, "hydra.run.dir=run", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(workdir / "run", workdir / "reference")
+    assert_strict_metrics(workdir / "run")
+
+
+@pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
+                                                             (signal.SIGINT, "interrupted", 130)])
+def test_a_stop_during_start_up_is_one_line_with_its_exit_code_and_writes_nothing(
+        workdir: Path, stop_signal: signal.Signals, status: str, code: int) -> None:
+    """Sent as soon as sam-run handles SIGTERM itself: in its first second, while its pre-flight loads torch."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc to see when sam-run handles signals")
+    process = in_background(workdir, *TINY, "hydra.run.dir=run")
+    deadline = time.monotonic() + 60
+    while not handles(process, signal.SIGTERM):
+        assert process.poll() is None and time.monotonic() < deadline, "sam-run never handled SIGTERM"
+        time.sleep(0.001)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name} while no run "
+                                           f"was training (nothing to checkpoint): re-run the same command to go on"]
+    assert not (workdir / "run").exists()
+
+
+def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resume(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed in its final measurement (in process, as in test_resume) is measured by sam-measure before it
+    is continued: the continued run keeps that measurement beside its own."""
+    from hydra import compose, initialize_config_dir
+
+    from sam_runner.cli.run import CONFIG_DIR
+    from sam_runner.run import experiment, loop, rundir
+
+    monkeypatch.chdir(workdir)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=TINY)
+    measure = loop.measure
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit(137)
+
+    monkeypatch.setattr(loop, "measure", killed)
+    with pytest.raises(SystemExit):
+        experiment.run_experiment(cfg, workdir / "run")
+    monkeypatch.setattr(loop, "measure", measure)
+
+    with rundir.claim(workdir / "run"):  # as a sam-run training there holds it
+        before = checksums(workdir / "run")
+        refused = run_cli("sam-measure", "run", "--measures", "ascent", cwd=workdir)
+        assert checksums(workdir / "run") == before
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert "sam-measure: error:" in refused.stderr and "in use by another sam-run" in refused.stderr
+
+    measured = run_cli("sam-measure", "run", "--measures", "ascent", cwd=workdir)
+    assert measured.returncode == 0, measured.stderr
+    remeasured = read_json(workdir / "run" / "summary.json")["measurements"]
+    assert [record["source"] for record in remeasured] == ["sam-measure"]
+    experiment.run_experiment(cfg, workdir / "run")
+    summary = read_json(workdir / "run" / "summary.json")
+    assert summary["status"] == "completed"
+    assert [record["source"] for record in summary["measurements"]] == ["sam-measure", "sam-run"]
+    assert summary["measurements"][0] == remeasured[0]
+    assert summary["sharpness"] == summary["measurements"][1]["values"], "the run's own values are its headline"
+    assert [line["epoch"] for line in metric_lines(workdir / "run")] == [1, 2]
+    assert_strict_metrics(workdir / "run")
+    assert torch.load(workdir / "run" / "checkpoints" / "last.pt", weights_only=True)["summary"]["measurements"] \
+        == summary["measurements"], "a later continuation keeps it too"
+
+
+def test_the_measurement_gives_up_when_asked_and_leaves_the_weights_as_they_were() -> None:
+    from sam_runner import sharpness
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    asked: list[int] = []
+
+    def after_five() -> bool:
+        asked.append(1)
+        return len(asked) > 5
+
+    with pytest.raises(sharpness.MeasurementStopped):
+        sharpness.measure(model, torch.nn.CrossEntropyLoss(), batches, rho=0.05, measures=["trace", "worst"],
+                          should_stop=after_five)
+    assert len(asked) == 6, "asked before every pass, and not again once it said stop"
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert model.training, "the model's mode is back too"
+
+
+def test_a_full_disk_in_the_tensorboard_writer_thread_is_the_run_s_one_line_error(workdir: Path) -> None:
+    (workdir / "full_disk_plugin.py").write_text(FULL_DISK_FOR_TENSORBOARD)
+    result = run_cli("sam-run", *TINY, "model=custom", "model._target_=full_disk_plugin.Net", "sharpness.measures=[]",
+                     "hydra.run.dir=run", cwd=workdir, extra_env={"PYTHONPATH": str(workdir)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], "no traceback from the thread"
+    assert result.stderr.startswith("sam-run: error: out of disk space (No space left on device)")
+    assert read_json(workdir / "run" / "summary.json")["status"] == "failed"
