@@ -27,8 +27,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
-from sam_runner.report.runs import FINISHED, SweepTable
+from sam_runner.report.runs import SweepTable
 from sam_runner.run.spec import validate
+from sam_runner.run.status import FINISHED
 from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, stop_at_once
 from sam_runner.scale import torchrun_env
 from sam_runner.scale.slurm import JobLost

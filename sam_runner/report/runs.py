@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from sam_runner.errors import SamRunnerError
 from sam_runner.run.hyperparameters import HPARAM_KEYS, SAM_ONLY_KEYS
+from sam_runner.run.status import FINISHED, Status
 
 # What a run produced (besides sharpness, status and error).
 OUTCOME_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "val_acc", "val_loss",
@@ -30,9 +31,8 @@ OUTCOME_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "
 RADIUS_FREE_MEASURES = ("lambda_max", "trace", "keskar", "alignment")
 RADIUS_MEASURES = ("worst", "ascent", "average")
 MEASURE_ORDER = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
-COMPLETED = "completed"
 # Order of the status counts ("3 completed, 1 failed"); a status not listed here follows them.
-STATUS_ORDER = (COMPLETED, "running", "interrupted", "failed", "diverged", "duplicate", "unreadable", "unknown")
+STATUS_ORDER = (*Status, "unreadable", "unknown")  # and what a report says of a run without a readable status
 SWEEP_TABLE_WIDTH = 120  # characters; a wider sweep table prints its sharpness columns as a second table
 
 
@@ -67,7 +67,7 @@ class Run:
     @property
     def completed(self) -> bool:
         """Only completed runs enter means and correlations; the others are listed and counted."""
-        return self.status == COMPLETED
+        return self.status == Status.COMPLETED
 
 
 def finite(value: Any) -> float | None:
@@ -320,7 +320,6 @@ def format_table(runs: list[Run]) -> str:
     return "\n".join([*named, *lines, *error_notes(runs)])
 
 
-FINISHED = ("completed", "duplicate")  # statuses of a run that needs nothing more
 
 
 class SweepTable(Callback):

@@ -23,6 +23,7 @@ from sam_runner.run.logbook import Logbook, Stopwatch, write_run_info
 from sam_runner.run.loop import fit
 from sam_runner.run.progress import Progress
 from sam_runner.run.spec import RunSpec, make_spec
+from sam_runner.run.status import Status
 from sam_runner.scale import distributed, ranks
 from sam_runner.scale.ranks import Team
 
@@ -66,7 +67,8 @@ def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, st
                  resumed_at_step=progress.step if state else None)
     run.logbook = logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
                                          purge_step=progress.logged_step + 1 if state else None)
-    summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}), "status": "running"}
+    summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}),
+                               "status": Status.RUNNING.value}
     summary.pop("error", None)
     try:
         if state:
@@ -80,20 +82,20 @@ def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, st
                  sum(p.numel() for p in run.network.parameters()), run.plan.steps_per_epoch, run.plan.protocol,
                  run_dir)
         fit(run, summary, progress)
-        if summary["status"] == "running":
-            summary["status"] = "completed"  # training and the final measurements are done
+        if summary["status"] == Status.RUNNING:
+            summary["status"] = Status.COMPLETED.value  # training and the final measurements are done
     except SamRunnerError as error:
-        summary.update(status="failed", error=str(error))
+        summary.update(status=Status.FAILED.value, error=str(error))
         raise
     except stopping.RunStopped as stopped:
-        summary.update(status=stopped.status, error=str(stopped))
+        summary.update(status=stopped.status.value, error=str(stopped))
         raise
     except KeyboardInterrupt:
-        summary.update(status="interrupted", error="interrupted by the user (Ctrl-C): re-run the same command to "
-                                                   "continue from the last checkpoint")
+        summary.update(status=Status.INTERRUPTED.value, error="interrupted by the user (Ctrl-C): re-run the same "
+                                                                "command to continue from the last checkpoint")
         raise
     except Exception as error:  # whatever raised (a plug-in's bug, a full disk), the record must not say running
-        summary.update(status="failed", error=describe_unforeseen(error))
+        summary.update(status=Status.FAILED.value, error=describe_unforeseen(error))
         raise
     finally:
         summary.update(clock.times())
@@ -122,7 +124,7 @@ def _optimizer_label(hparams: dict[str, Any]) -> str:
 
 def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str) -> dict[str, Any]:
     """A plain optimizer ignores rho: in a rho sweep only its run at the sweep's first rho trains."""
-    summary = {"status": "duplicate", "epochs_completed": 0,
+    summary = {"status": Status.DUPLICATE.value, "epochs_completed": 0,
                "error": f"{hparams['optimizer']} ignores rho; see the run with rho={plain_rho}", **hparams}
     write_json_atomic(summary, run_dir / "summary.json")
     log.info("skipped: %s", summary["error"])

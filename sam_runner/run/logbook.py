@@ -27,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from sam_runner.run.checkpoint import strict_json, write_json_atomic
+from sam_runner.run.status import ENDED
 
 SHOW_PROGRESS = sys.stderr.isatty()  # bars only for a person at a terminal, never in logs or CI
 
@@ -176,7 +177,7 @@ class Logbook:
     def close(self, summary: dict[str, Any]) -> None:
         """Write the HParams record into this run's own event file (add_hparams would make a second run), once the
         run has ended; a run that stopped to be continued gets it when it ends."""
-        if summary.get("status") in ("completed", "diverged"):
+        if summary.get("status") in ENDED:
             self._write_hparams(summary)
         if "_writer" in self.__dict__:  # opened
             self._writer.close()

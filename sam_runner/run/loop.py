@@ -25,6 +25,7 @@ from sam_runner.run.logbook import HPARAM_METRICS, SHOW_PROGRESS
 from sam_runner.run.measurement import add_measurement, measure
 from sam_runner.run.plan import RunPlan, at_chance
 from sam_runner.run.progress import Progress
+from sam_runner.run.status import Status
 from sam_runner.scale import distributed
 from sam_runner.sharpness import MeasurementStopped
 
@@ -64,7 +65,7 @@ def fit(run: Training, summary: dict[str, Any], progress: Progress) -> None:
                     summary.update(target_reached=True, target_epoch=epoch + 1, target_step=step)
                     ending = True
             if diverged:
-                summary.update(status="diverged", error=f"non-finite training loss in epoch {epoch + 1} "
+                summary.update(status=Status.DIVERGED.value, error=f"non-finite training loss in epoch {epoch + 1} "
                                                         f"(steps {step - plan.batches_in(epoch) + 1}-{step})")
             every = run.settings.sharpness.every
             if run.measures and not diverged and (ending or (every and (epoch + 1) % every == 0)):

@@ -26,13 +26,13 @@ from sam_runner.run.logbook import read_summary
 from sam_runner.run.measurement import keep_remeasurements
 from sam_runner.run.progress import Progress
 from sam_runner.run.rundir import CHECKPOINT
+from sam_runner.run.status import ENDED
 from sam_runner.scale.distributed import World
 
 log = logging.getLogger("sam_runner")
 
 # Keys that may differ between a run and its continuation: they change neither the numbers nor the run's meaning.
 IGNORED_ON_RESUME = ("resume", "progress_every", "data_dir", "jobs_per_gpu")
-ENDED = ("completed", "diverged")  # a re-run leaves these as they are
 SHOWN_DIFFERENCES = 6
 
 

@@ -6,7 +6,8 @@ from enum import Enum
 
 
 class Status(str, Enum):
-    """A run's status as summary.json records it (the value, a plain string there)."""
+    """A run's status. Summaries hold its value, a plain string (checkpoints carry the summary, and torch's
+    weights-only loading knows no enum); a member equals its value."""
 
     RUNNING = "running"  # training, or killed without a chance to say otherwise (kill -9, power loss)
     COMPLETED = "completed"  # trained its budget (or reached its target) and took its final measurements
@@ -22,12 +23,8 @@ class Status(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
-    @property
-    def ended(self) -> bool:
-        """Nothing is left to train: a re-run leaves the run as it is, and its HParams record is written."""
-        return self in (Status.COMPLETED, Status.DIVERGED)
 
-    @property
-    def finished(self) -> bool:
-        """Nothing more is needed of the run: a sweep whose runs all finished exits 0."""
-        return self in (Status.COMPLETED, Status.DUPLICATE)
+
+# Tuples, not sets: a status read from summary.json is a plain string, equal to its member but hashed apart.
+ENDED = (Status.COMPLETED, Status.DIVERGED)  # nothing left to train: a re-run leaves it; its HParams are written
+FINISHED = (Status.COMPLETED, Status.DUPLICATE)  # nothing more needed: a sweep whose runs all finished exits 0

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from sam_runner.run.status import Status
+
 log = logging.getLogger("sam_runner")
 
 # Exit codes (README "Exit codes"): 75 (EX_TEMPFAIL, "try again later") tells a cluster to requeue the job.
@@ -40,13 +42,13 @@ class RunStopped(BaseException):
     launcher swallows it: a stop request ends the process.
     """
 
-    def __init__(self, status: str, reason: str) -> None:
+    def __init__(self, status: Status, reason: str) -> None:
         super().__init__(reason)
-        self.status = status  # "preempted" or "interrupted"
-        self.exit_code = EXIT_PREEMPTED if status == "preempted" else EXIT_INTERRUPTED
+        self.status = Status(status)  # preempted or interrupted
+        self.exit_code = EXIT_PREEMPTED if self.status == Status.PREEMPTED else EXIT_INTERRUPTED
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:  # a SLURM job hands it back to the sweep pickled
-        return RunStopped, (self.status, str(self))
+        return RunStopped, (self.status.value, str(self))
 
 
 class StopRequests:
@@ -79,8 +81,8 @@ class StopRequests:
                     received.name, hint)
 
 
-def _status(received: signal.Signals) -> str:
-    return "interrupted" if received == signal.SIGINT else "preempted"
+def _status(received: signal.Signals) -> Status:
+    return Status.INTERRUPTED if received == signal.SIGINT else Status.PREEMPTED
 
 
 def _stop_now(number: int, frame: FrameType | None) -> None:
