@@ -88,7 +88,8 @@ def test_a_preempted_two_process_run_continues_exactly_and_only_over_two_process
 
 
 def test_under_torchrun_a_run_directory_named_from_the_clock_is_refused_in_one_line(workdir: Path) -> None:
-    result = run_cli("sam-run", *TINY, cwd=workdir, extra_env={"WORLD_SIZE": "2", "RANK": "0"})
+    torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    result = run_cli("sam-run", *TINY, cwd=workdir, extra_env=torchrun)  # as torchrun starts rank 0
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "every process must name the same run directory" in result.stderr

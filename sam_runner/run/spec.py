@@ -168,7 +168,7 @@ def validate(cfg: DictConfig) -> Settings:
     top = _typed(cfg)
     for key, allowed in CHOICES.items():
         value = _select(top, key)
-        _require(value in allowed, f"{key}: invalid value '{value}'; choose one of: {', '.join(allowed)}")
+        _require(value in allowed, f"{key}: invalid value '{value}', expected one of [{', '.join(allowed)}]")
     for key in FINITE_KEYS:  # inf passes every range check below, and nan fails them with a puzzling message
         value = _select(top, key)
         _require(value is None or math.isfinite(value), f"{key} must be a finite number (got {value})")
