@@ -1,4 +1,5 @@
-"""sharpness.measure against independent references: explicit Hessians, closed forms, brute force."""
+"""sharpness.measure against independent references (explicit Hessians, closed forms, brute force); its cost
+estimate against counted passes, and what `auto` chooses."""
 
 import itertools
 import math
@@ -10,6 +11,7 @@ from torch import nn
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
+from sam_runner.run.measurement import training_passes
 from sam_runner.sharpness import (
     CHEAP_PARAMETER_LIMIT,
     COSTLY_MEASURES,
@@ -509,6 +511,13 @@ def test_auto_on_a_cpu_keeps_the_measurement_within_a_margin_of_the_training():
     estimate = estimate_cost(choice.measures, 4, 1010).passes / 4 * 1024
     assert estimate <= CPU_COST_MARGIN * 20 * 4000 * 2 and "ascent" in choice.measures
     assert len(choice.measures) < len(MEASURES)
+
+
+def test_each_measurement_is_weighed_against_its_share_of_the_training():
+    assert training_passes(100, 4000, sam=False, every=0) == 800_000  # a forward and a backward per sample
+    assert training_passes(100, 4000, sam=True, every=0) == 1_600_000  # two of each with SAM
+    assert training_passes(100, 4000, sam=False, every=30) == 200_000  # epochs 30, 60, 90 and the end
+    assert training_passes(100, 4000, sam=False, every=50) == 400_000  # epochs 50 and 100, the end
 
 
 def test_a_run_logs_what_it_measures_and_records_why(workdir):

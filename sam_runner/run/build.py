@@ -314,5 +314,6 @@ def build_run(cfg: DictConfig, settings: DictConfig, precision: str, team: Team,
                autocast_dtype=AUTOCAST_DTYPES[precision],
                micro_batch_size=micro_batch_size, logbook=logbook,
                measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
-                   plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None)),
+                   plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None,
+                   every=settings.sharpness.every)),
                clock=clock, stop=stop, team=team)

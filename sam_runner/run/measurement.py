@@ -7,6 +7,7 @@ checkpoint again. Both write the same record into summary.json's `measurements`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -25,7 +26,8 @@ log = logging.getLogger("sam_runner")
 def measures_for(model: nn.Module, settings: DictConfig, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                  training_passes: float | None = None) -> sharpness.MeasureChoice:
     """The configured measures, or for `auto` those worth their cost on this model, device and training budget
-    (sharpness.default_measures; `training_passes`: the run's forward and backward passes over single samples)."""
+    (sharpness.default_measures; `training_passes`: the run's forward and backward passes over single samples per
+    measurement)."""
     chosen = sharpness_measures(settings.sharpness.measures)
     if chosen != "auto":
         return sharpness.MeasureChoice(chosen, "sharpness.measures")
@@ -36,9 +38,12 @@ def measures_for(model: nn.Module, settings: DictConfig, batches: list[tuple[tor
     return choice
 
 
-def training_passes(epochs: float, num_train: int, *, sam: bool) -> float:
-    """Forward and backward passes over single samples a run's budget trains: two a sample, four with SAM."""
-    return epochs * num_train * (4 if sam else 2)
+def training_passes(epochs: float, num_train: int, *, sam: bool, every: int) -> float:
+    """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM) per
+    measurement it takes: one every `every` epochs (sharpness.every) and one at the end, so `auto` weighs each
+    measurement against its share of the training."""
+    measurements = math.ceil(epochs / every) if every else 1
+    return epochs * num_train * (4 if sam else 2) / measurements
 
 
 def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: sharpness.MeasureChoice,
