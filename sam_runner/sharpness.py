@@ -143,16 +143,21 @@ def default_measures(model: nn.Module, *, device: torch.device | str | None = No
     else:
         names = [name for name in MEASURES if name not in COSTLY_MEASURES]
         reason = f"{count:,} parameters > {CHEAP_PARAMETER_LIMIT:,}: all but {', '.join(COSTLY_MEASURES)}"
-    if device.type != "cpu" or training_passes is None or num_samples is None:
+    if device.type != "cpu" or training_passes is None or not num_samples or not num_batches:
         return MeasureChoice(names, reason)
 
     def sample_passes(chosen: list[str]) -> float:
         return estimate_cost(chosen, num_batches, count, **options).passes / num_batches * num_samples
 
-    budget = CPU_COST_MARGIN * training_passes
+    return _within_budget(names, reason, sample_passes, training_passes)
+
+
+def _within_budget(names: list[str], reason: str, sample_passes: Callable[[list[str]], float],
+                   training_passes: float) -> MeasureChoice:
+    """The cheapest of `names` whose estimate fits within CPU_COST_MARGIN x training_passes (at least one)."""
     kept: list[str] = []
-    for name in sorted(names, key=lambda name: sample_passes([name])):  # cheapest first; sort is stable
-        if not kept or sample_passes([*kept, name]) <= budget:
+    for name in sorted(names, key=lambda name: sample_passes([name])):
+        if not kept or sample_passes([*kept, name]) <= CPU_COST_MARGIN * training_passes:
             kept.append(name)
     kept = [name for name in MEASURES if name in kept]
     if kept == names:
