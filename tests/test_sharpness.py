@@ -526,7 +526,7 @@ def test_a_run_logs_what_it_measures_and_records_why(workdir):
     log = (workdir / "outputs" / "auto" / "sam-run.log").read_text()
     assert "sharpness.measures auto: ascent (" in log and "on the cpu" in log
     before = log.index("sharpness at epoch 2, step 8: measuring ascent on 128 samples; estimate: at most 3 forward "
-                       "and 1 backward passes over a batch of <= 256 (1 batches)")
+                       "and 1 backward batch passes (1 batches of <= 256)")
     assert before < log.index("sharpness at epoch 2, step 8 (")  # announced before it starts, then its result
     record = read_json(workdir / "outputs" / "auto" / "summary.json")["measurements"][-1]
     assert record["measures"] == ["ascent"] and "dropped" in record["chosen_by"]

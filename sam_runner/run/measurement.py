@@ -57,8 +57,8 @@ def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], 
     options = sharpness_options(settings.sharpness.options)
     cost = sharpness.estimate_cost(measures.measures, len(batches), sharpness.parameter_count(model), **options)
     log.info("sharpness at epoch %d, step %d: measuring %s on %d samples; estimate: at most %d forward and %d "
-             "backward passes over a batch of <= %d (%d batches)", epoch, step, ", ".join(measures.measures),
-             _samples(batches), cost.forward, cost.backward, settings.sharpness.batch_size, len(batches))
+             "backward batch passes (%d batches of <= %d)", epoch, step, ", ".join(measures.measures),
+             _samples(batches), cost.forward, cost.backward, len(batches), settings.sharpness.batch_size)
     started = time.perf_counter()
     values = sharpness.measure(model, nn.CrossEntropyLoss(), batches, rho=settings.sharpness.rho,
                                measures=measures.measures, seed=settings.seed, progress=SHOW_PROGRESS, **options)
