@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from sam_runner.errors import ConfigError
 
-__all__ = ["MEASURES", "CHEAP_PARAMETER_LIMIT", "MeasureError", "MeasurementStopped", "Options", "default_measures",
-           "measure"]
+__all__ = ["MEASURES", "CHEAP_PARAMETER_LIMIT", "CPU_COST_MARGIN", "Cost", "MeasureChoice", "MeasureError",
+           "MeasurementStopped", "Options", "default_measures", "estimate_cost", "measure", "parameter_count"]
 
 MEASURES = ("lambda_max", "trace", "worst", "ascent", "average", "keskar", "alignment")
 CHEAP_PARAMETER_LIMIT = 1_000_000  # above it, `default_measures` drops the 100-HVP / 100-forward estimators
 COSTLY_MEASURES = ("trace", "average")
+CPU_COST_MARGIN = 2  # on a CPU, `default_measures` keeps the estimate within this many times the training's passes
 
 Batch = tuple[Tensor, Tensor]
 Criterion = Callable[[Tensor, Tensor], Tensor]
@@ -73,11 +74,103 @@ _POSITIVE = ("worst_step_size", "keskar_epsilon")
 _NEEDS_RHO = ("worst", "ascent", "average")
 
 
-def default_measures(model: nn.Module) -> list[str]:
-    """All measures up to CHEAP_PARAMETER_LIMIT trainable parameters; above it, all but COSTLY_MEASURES."""
-    if _parameter_count(model) <= CHEAP_PARAMETER_LIMIT:
-        return list(MEASURES)
-    return [name for name in MEASURES if name not in COSTLY_MEASURES]
+@dataclass(frozen=True)
+class Cost:
+    """Passes over the measured data that `measure` takes at most (one batch each): forwards, and backwards with a
+    Hessian-vector product's backward-with-graph and double backward counted as two."""
+
+    forward: int
+    backward: int
+
+    @property
+    def passes(self) -> int:
+        return self.forward + self.backward
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.forward + other.forward, self.backward + other.backward)
+
+    def __mul__(self, factor: int) -> Cost:
+        return Cost(self.forward * factor, self.backward * factor)
+
+
+def estimate_cost(measures: Sequence[str], num_batches: int, parameter_count: int,
+                  **options: float | int | bool) -> Cost:
+    """An upper bound on the passes `measure(..., measures=measures, **options)` takes over `num_batches` batches
+    of a model with `parameter_count` trainable parameters: the per-batch costs of `measure`'s docstring, each
+    shared computation counted once (the finiteness check, L(w) with its gradient, the ascent point, Lanczos)."""
+    names, settings = _checked_measures(measures), _checked_options(options)
+    step = Cost(1, 1)  # one forward and backward
+    per_batch = Cost(1, 0)  # the finiteness check of L(w)
+    if set(names) & {"alignment", "worst", "ascent", "average", "keskar"}:
+        per_batch += step  # L(w) and its gradient, shared
+    if set(names) & {"ascent", "worst"}:
+        per_batch += Cost(1, 0)  # L at the ascent point, shared
+    eigen = bool(set(names) & {"lambda_max", "alignment"})
+    if eigen:
+        per_batch += Cost(1, 2) * min(settings.max_iterations, parameter_count)  # Lanczos stops at full dimension
+    if "trace" in names:
+        per_batch += Cost(1, 1 + settings.trace_probes)
+    if "average" in names:
+        per_batch += Cost(2 * settings.average_samples, 0)
+    if "worst" in names:
+        per_batch += step * settings.worst_steps + Cost(1, 0)
+    if "keskar" in names:
+        starts = 1 + settings.keskar_random_starts + (2 if eigen else 0)
+        per_batch += step * (starts * (settings.keskar_steps + 1))
+    return per_batch * num_batches
+
+
+@dataclass(frozen=True)
+class MeasureChoice:
+    """The measures `sharpness.measures: auto` took, and why, in words for the log and summary.json."""
+
+    measures: list[str]
+    reason: str
+
+    def __bool__(self) -> bool:
+        return bool(self.measures)  # `sharpness.measures=[]`: nothing to measure
+
+
+def default_measures(model: nn.Module, *, device: torch.device | str | None = None, num_batches: int = 1,
+                     num_samples: int | None = None, training_passes: float | None = None,
+                     **options: float | int | bool) -> MeasureChoice:
+    """The measures worth their cost: all up to CHEAP_PARAMETER_LIMIT trainable parameters, all but
+    COSTLY_MEASURES above it; on a CPU, when the training's cost is known (`training_passes`: forward and
+    backward passes over single samples), the cheapest of those whose estimate over `num_samples` samples stays
+    within CPU_COST_MARGIN times it (always at least the cheapest one): a CPU measures no faster than it trains,
+    so an 11M-parameter model trained one epoch on 200 samples must not be measured for hundreds of epochs' time.
+    """
+    count = parameter_count(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    if count <= CHEAP_PARAMETER_LIMIT:
+        names, reason = list(MEASURES), f"{count:,} parameters <= {CHEAP_PARAMETER_LIMIT:,}: every measure"
+    else:
+        names = [name for name in MEASURES if name not in COSTLY_MEASURES]
+        reason = f"{count:,} parameters > {CHEAP_PARAMETER_LIMIT:,}: all but {', '.join(COSTLY_MEASURES)}"
+    if device.type != "cpu" or training_passes is None or not num_samples or not num_batches:
+        return MeasureChoice(names, reason)
+
+    def sample_passes(chosen: list[str]) -> float:
+        return estimate_cost(chosen, num_batches, count, **options).passes / num_batches * num_samples
+
+    return _within_budget(names, reason, sample_passes, training_passes)
+
+
+def _within_budget(names: list[str], reason: str, sample_passes: Callable[[list[str]], float],
+                   training_passes: float) -> MeasureChoice:
+    """The cheapest of `names` whose estimate fits within CPU_COST_MARGIN x training_passes (at least one)."""
+    kept: list[str] = []
+    for name in sorted(names, key=lambda name: sample_passes([name])):
+        if not kept or sample_passes([*kept, name]) <= CPU_COST_MARGIN * training_passes:
+            kept.append(name)
+    kept = [name for name in MEASURES if name in kept]
+    if kept == names:
+        return MeasureChoice(names, f"{reason}; on the cpu, estimated {sample_passes(names):,.0f} sample passes "
+                                    f"<= {CPU_COST_MARGIN} x training's {training_passes:,.0f}")
+    dropped = ", ".join(name for name in names if name not in kept)
+    return MeasureChoice(kept, f"{reason}; on the cpu, {dropped} dropped: all of them would take an estimated "
+                               f"{sample_passes(names):,.0f} sample passes, over {CPU_COST_MARGIN} x training's "
+                               f"{training_passes:,.0f} (these: {sample_passes(kept):,.0f})")
 
 
 def measure(
@@ -139,8 +232,13 @@ def _eager() -> AbstractContextManager[None]:
     return torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else nullcontext()
 
 
-def _parameter_count(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
+    """Trainable parameters: those `measure` moves (D in docs/sharpness.md)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _checked_measures(measures: Sequence[str]) -> list[str]:

@@ -1,15 +1,26 @@
-"""sharpness.measure against independent references: explicit Hessians, closed forms, brute force."""
+"""sharpness.measure against independent references (explicit Hessians, closed forms, brute force); its cost
+estimate against counted passes, and what `auto` chooses."""
 
 import itertools
 import math
 
 import pytest
 import torch
+from conftest import TINY, read_json, run_cli
 from torch import nn
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
-from sam_runner.sharpness import CHEAP_PARAMETER_LIMIT, COSTLY_MEASURES, MEASURES, default_measures, measure
+from sam_runner.run.measurement import training_passes
+from sam_runner.sharpness import (
+    CHEAP_PARAMETER_LIMIT,
+    COSTLY_MEASURES,
+    CPU_COST_MARGIN,
+    MEASURES,
+    default_measures,
+    estimate_cost,
+    measure,
+)
 
 DTYPE = torch.float64
 
@@ -447,7 +458,76 @@ def test_unknown_measure_or_option_raises_value_error_naming_the_valid_ones():
         measure(model, criterion, batches, rho=0.1, keskar_random_starts=-1)
 
 
-def test_default_measures_drop_the_costly_estimators_for_large_models():
-    assert default_measures(mlp_problem()[0]) == list(MEASURES)
-    large = nn.Linear(1000, CHEAP_PARAMETER_LIMIT // 1000)  # just over the limit with its bias
-    assert default_measures(large) == [name for name in MEASURES if name not in COSTLY_MEASURES]
+# --- cost and the `auto` choice ---------------------------------------------------------------------------------
+
+# Options under which every measure's pass count is known exactly: Lanczos runs all 5 steps (a zero tolerance is
+# never met), each Keskar start takes its one forward-backward (no jumps).
+EXACT = {"max_iterations": 5, "tolerance": 0.0, "trace_probes": 3, "average_samples": 4, "worst_steps": 3,
+         "keskar_random_starts": 2, "keskar_steps": 0}
+
+
+def counted_forwards(measures, **options) -> tuple[int, int]:
+    """Forward calls `measure` makes on the MLP problem, and the estimate of them."""
+    model, criterion, batches = mlp_problem()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    measure(model, criterion, batches, rho=0.1, measures=measures, **options)
+    return len(calls), estimate_cost(measures, len(batches), sum(p.numel() for p in model.parameters()),
+                                     **options).forward
+
+
+@pytest.mark.filterwarnings("ignore:Lanczos did not reach tolerance")
+@pytest.mark.parametrize("measures", [[name] for name in MEASURES] + [list(MEASURES), ["worst", "ascent"]])
+def test_the_cost_estimate_counts_every_forward_pass(measures):
+    counted, estimated = counted_forwards(measures, **EXACT)
+    assert counted == estimated
+
+
+def test_the_cost_estimate_bounds_the_passes_under_the_default_options():
+    counted, estimated = counted_forwards(list(MEASURES))
+    assert 0 < counted <= estimated
+    assert estimate_cost(["lambda_max"], 2, 50).forward == 2 * (1 + 50)  # Lanczos stops at the full dimension
+
+
+def test_auto_takes_every_measure_of_a_small_model_but_the_cheap_ones_of_a_large_model_on_a_gpu():
+    small, large = nn.Linear(100, 10), nn.Linear(1000, CHEAP_PARAMETER_LIMIT // 1000)  # just over the limit
+    cheap = [name for name in MEASURES if name not in COSTLY_MEASURES]
+    for device in ("cpu", "cuda"):  # without a training budget the device does not matter
+        assert default_measures(small, device=device).measures == list(MEASURES)
+        assert default_measures(large, device=device).measures == cheap
+    choice = default_measures(large, device="cuda", num_batches=1, num_samples=200, training_passes=400)
+    assert choice.measures == cheap and "> 1,000,000" in choice.reason
+
+
+def test_auto_on_a_cpu_keeps_the_measurement_within_a_margin_of_the_training():
+    small, large = nn.Linear(100, 10), nn.Linear(1000, CHEAP_PARAMETER_LIMIT // 1000)
+    long_training = 100 * 4000 * 2  # the README's SGD job: 100 epochs of 4000 samples, a forward and a backward
+    assert default_measures(small, device="cpu", num_batches=4, num_samples=1024,
+                            training_passes=long_training).measures == list(MEASURES)
+    for model in (small, large):  # one epoch on 200 samples: hardly anything is worth its cost
+        choice = default_measures(model, device="cpu", num_batches=1, num_samples=200, training_passes=400)
+        assert choice.measures == ["ascent"] and "dropped" in choice.reason
+    choice = default_measures(small, device="cpu", num_batches=4, num_samples=1024, training_passes=20 * 4000 * 2)
+    estimate = estimate_cost(choice.measures, 4, 1010).passes / 4 * 1024
+    assert estimate <= CPU_COST_MARGIN * 20 * 4000 * 2 and "ascent" in choice.measures
+    assert len(choice.measures) < len(MEASURES)
+
+
+def test_each_measurement_is_weighed_against_its_share_of_the_training():
+    assert training_passes(100, 4000, sam=False, every=0) == 800_000  # a forward and a backward per sample
+    assert training_passes(100, 4000, sam=True, every=0) == 1_600_000  # two of each with SAM
+    assert training_passes(100, 4000, sam=False, every=30) == 200_000  # epochs 30, 60, 90 and the end
+    assert training_passes(100, 4000, sam=False, every=50) == 400_000  # epochs 50 and 100, the end
+
+
+def test_a_run_logs_what_it_measures_and_records_why(workdir):
+    result = run_cli("sam-run", *TINY, "sharpness.measures=auto", "hydra.run.dir=outputs/auto", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    log = (workdir / "outputs" / "auto" / "sam-run.log").read_text()
+    assert "sharpness.measures auto: ascent (" in log and "on the cpu" in log
+    before = log.index("sharpness at epoch 2, step 8: measuring ascent on 128 samples; estimate: at most 3 forward "
+                       "and 1 backward batch passes (1 batches of <= 256)")
+    assert before < log.index("sharpness at epoch 2, step 8 (")  # announced before it starts, then its result
+    record = read_json(workdir / "outputs" / "auto" / "summary.json")["measurements"][-1]
+    assert record["measures"] == ["ascent"] and "dropped" in record["chosen_by"]
+    assert record["estimated_passes"] == {"forward": 3, "backward": 1}

@@ -25,7 +25,7 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     run = saved_run.load(run_dir, checkpoint_path=checkpoint_path,
                          overrides={"sharpness.measures": measures, "sharpness.rho": rho,
                                     "sharpness.num_samples": num_samples, "device": device})
-    measures = measures_for(run.model, run.settings)
+    measures = measures_for(run.model, run.settings, run.data.sharpness)
     if not measures:
         raise ConfigError("no sharpness measure selected (the run trained with sharpness.measures=[]): pass "
                           "--measures auto or a comma-separated list")

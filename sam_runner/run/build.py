@@ -23,12 +23,13 @@ from sam_runner.data import BatchStream, infer_num_classes, materialize, seeded_
 from sam_runner.errors import ConfigError, DataError
 from sam_runner.optim import SAM
 from sam_runner.run.logbook import Logbook, Stopwatch
-from sam_runner.run.measurement import measures_for
+from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
 from sam_runner.run.spec import RunSpec, Settings
 from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.ranks import Team
+from sam_runner.sharpness import MeasureChoice
 from sam_runner.steps import frozen_batchnorm_stats
 
 log = logging.getLogger("sam_runner")
@@ -240,7 +241,7 @@ class Training:
     criterion: nn.Module
     autocast_dtype: torch.dtype | None
     micro_batch_size: int | None  # SAM's m-sharpness chunk; None: the whole batch
-    measures: list[str]  # sharpness measures taken during and at the end of the run
+    measures: MeasureChoice  # sharpness measures taken during and at the end of the run, and what chose them
     clock: Stopwatch
     stop: StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
     team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
@@ -284,4 +285,7 @@ def build_run(spec: RunSpec, team: Team, clock: Stopwatch, stop: StopRequests) -
                     scaler=torch.amp.GradScaler(team.device.type) if spec.precision == "fp16" else None,
                     criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                     autocast_dtype=spec.autocast_dtype, micro_batch_size=micro_batch_size,
-                    measures=measures_for(model, settings), clock=clock, stop=stop, team=team)
+                    measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
+                        plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None,
+                        every=settings.sharpness.every)),
+                    clock=clock, stop=stop, team=team)

@@ -116,6 +116,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "versions": {name: _package_version(name) for name in
                      ("sam-runner", "torch", "torchvision", "hydra-core", "omegaconf", "mnist1d")},
         "device": str(device), "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX512, AVX2, ...: with the threads, picks kernels
     }
     if device.type == "cuda":
         info["cuda"] = {"name": torch.cuda.get_device_name(device), "capability": torch.cuda.get_device_capability(device),

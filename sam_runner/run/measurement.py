@@ -7,6 +7,7 @@ checkpoint again. Both write the same record into summary.json's `measurements`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,33 +23,61 @@ from sam_runner.run.spec import Settings, sharpness_measures, sharpness_options
 log = logging.getLogger("sam_runner")
 
 
-def measures_for(model: nn.Module, settings: Settings) -> list[str]:
+def measures_for(model: nn.Module, settings: Settings, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                 training_passes: float | None = None) -> sharpness.MeasureChoice:
+    """The configured measures, or for `auto` those worth their cost on this model, device and training budget
+    (sharpness.default_measures; `training_passes`: the run's forward and backward passes over single samples per
+    measurement)."""
     chosen = sharpness_measures(settings.sharpness.measures)
-    return sharpness.default_measures(model) if chosen == "auto" else chosen
+    if chosen != "auto":
+        return sharpness.MeasureChoice(chosen, "sharpness.measures")
+    choice = sharpness.default_measures(model, num_batches=len(batches), num_samples=_samples(batches),
+                                        training_passes=training_passes,
+                                        **sharpness_options(settings.sharpness.options))
+    log.info("sharpness.measures auto: %s (%s)", ", ".join(choice.measures), choice.reason)
+    return choice
 
 
-def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: list[str],
+def training_passes(epochs: float, num_train: int, *, sam: bool, every: int) -> float:
+    """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM) per
+    measurement it takes: one every `every` epochs (sharpness.every) and one at the end, so `auto` weighs each
+    measurement against its share of the training."""
+    measurements = math.ceil(epochs / every) if every else 1
+    return epochs * num_train * (4 if sam else 2) / measurements
+
+
+def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: sharpness.MeasureChoice,
             settings: Settings, *, epoch: int, step: int, source: str,
             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode).
 
     Returns a measurement record: the values with everything needed to compare them (radius, samples, every
-    option with its default filled in, the model mode, where in training and by what it was taken). Raises
-    sharpness.MeasurementStopped as soon as `should_stop` says so (a stop request while a run measures).
+    option with its default filled in, the model mode, where in training and by what it was taken, and what
+    chose the measures). Raises sharpness.MeasurementStopped as soon as `should_stop` says so (a stop request
+    while a run measures).
     """
-    started = time.perf_counter()
     options = sharpness_options(settings.sharpness.options)
+    cost = sharpness.estimate_cost(measures.measures, len(batches), sharpness.parameter_count(model), **options)
+    log.info("sharpness at epoch %d, step %d: measuring %s on %d samples; estimate: at most %d forward and %d "
+             "backward batch passes (%d batches of <= %d)", epoch, step, ", ".join(measures.measures),
+             _samples(batches), cost.forward, cost.backward, len(batches), settings.sharpness.batch_size)
+    started = time.perf_counter()
     values = sharpness.measure(model, nn.CrossEntropyLoss(), batches, rho=settings.sharpness.rho,
-                               measures=measures, seed=settings.seed, should_stop=should_stop, progress=SHOW_PROGRESS,
-                               **options)
+                               measures=measures.measures, seed=settings.seed, should_stop=should_stop,
+                               progress=SHOW_PROGRESS, **options)
     seconds = time.perf_counter() - started
     log.info("sharpness at epoch %d, step %d (%.1fs): %s", epoch, step, seconds,
              ", ".join(f"{name} {value:.4g}" for name, value in values.items()))
     resolved = {key: value for key, value in asdict(sharpness.Options(**options)).items() if key != "progress"}
-    return {"rho": settings.sharpness.rho, "num_samples": sum(len(targets) for _, targets in batches),
-            "batch_size": settings.sharpness.batch_size, "measures": measures, "options": resolved,
-            "model_mode": "eval", "seed": settings.seed, "epoch": epoch, "step": step, "source": source,
-            "time_s": seconds, "values": values}
+    return {"rho": settings.sharpness.rho, "num_samples": _samples(batches),
+            "batch_size": settings.sharpness.batch_size, "measures": measures.measures,
+            "chosen_by": measures.reason, "estimated_passes": {"forward": cost.forward, "backward": cost.backward},
+            "options": resolved, "model_mode": "eval", "seed": settings.seed, "epoch": epoch, "step": step,
+            "source": source, "time_s": seconds, "values": values}
+
+
+def _samples(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(len(targets) for _, targets in batches)
 
 
 def add_measurement(summary: dict[str, Any], record: dict[str, Any]) -> None:
