@@ -31,7 +31,7 @@ from sam_runner.errors import SamRunnerError
 from sam_runner.report import saved_run
 from sam_runner.report.saved_run import SavedRun
 from sam_runner.run.evaluation import evaluate
-from sam_runner.run.logbook import read_summary
+from sam_runner.run.rundir import read_summary
 from sam_runner.steps import batchnorm_layers
 
 __all__ = ["BN_STATS", "METRICS", "LandscapeError", "filter_normalized_direction", "recompute_batchnorm", "run_labels",

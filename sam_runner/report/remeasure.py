@@ -8,7 +8,6 @@ from sam_runner.errors import ConfigError
 from sam_runner.report import saved_run
 from sam_runner.run import rundir
 from sam_runner.run.checkpoint import write_json_atomic
-from sam_runner.run.logbook import read_summary
 from sam_runner.run.measurement import add_measurement, measure, measures_for
 
 
@@ -32,7 +31,7 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     with rundir.claim(run_dir, tidy=False):
         record = measure(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
                          step=run.state.get("step", 0), source="sam-measure")
-        summary = read_summary(run_dir) or {}
+        summary = rundir.read_summary(run_dir) or {}
         add_measurement(summary, record)
-        write_json_atomic(summary, run_dir / "summary.json")
+        write_json_atomic(summary, run_dir / rundir.SUMMARY)
     return record["values"]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from sam_runner.errors import SamRunnerError
 from sam_runner.run.hyperparameters import HPARAM_KEYS, SAM_ONLY_KEYS
+from sam_runner.run.rundir import SUMMARY, UnreadableRecord, read_record
 from sam_runner.run.status import FINISHED, Status
 
 # What a run produced (besides sharpness, status and error).
@@ -142,12 +143,9 @@ def _job_order(relative: Path) -> list[tuple[int, int, str]]:
 def _read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json; an unreadable one reads as status `unreadable`, so its run is listed, not lost."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        return {"status": "unreadable", "error": f"summary.json cannot be read: {error}"}
-    if not isinstance(summary, dict):
-        return {"status": "unreadable", "error": "summary.json does not hold a JSON object"}
-    return summary
+        return read_record(run_dir, SUMMARY)
+    except UnreadableRecord as error:
+        return {"status": "unreadable", "error": str(error)}
 
 
 def _run_dirs(path: Path, skip: Path | None) -> list[Path]:
@@ -155,7 +153,7 @@ def _run_dirs(path: Path, skip: Path | None) -> list[Path]:
     found = []
     for directory, subdirectories, files in os.walk(path):
         here = Path(directory)
-        if "summary.json" in files:
+        if SUMMARY in files:
             found.append(here.resolve())
             subdirectories.clear()
         subdirectories[:] = [name for name in subdirectories if skip is None or (here / name).resolve() != skip]

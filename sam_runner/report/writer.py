@@ -43,6 +43,7 @@ from sam_runner.report.stats import (
     group_runs,
 )
 from sam_runner.run.hyperparameters import GROUP_KEYS, HPARAM_KEYS
+from sam_runner.run.rundir import CHECKPOINT
 
 ACCURACY_LIKE = (*GROUP_METRICS, "test_loss", "val_loss")  # formatted with four decimals, the rest with 4 digits
 NESTED_KEYS = ("sharpness", "measurements")  # their values are in the sharpness columns
@@ -116,7 +117,7 @@ def flatness_pair(runs: list[Run]) -> tuple[Run, Run] | None:
     checkpoint; None without such a pair."""
     same_setting: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        if run.completed and run.get("batch_size") is not None and (run.path / "checkpoints" / "last.pt").is_file():
+        if run.completed and run.get("batch_size") is not None and (run.path / CHECKPOINT).is_file():
             setting = [run.get(key) for key in (*GROUP_KEYS, "seed") if key not in BATCH_DEPENDENT_KEYS]
             same_setting[json.dumps(setting, default=str)].append(run)
     pairs = [(min(group, key=lambda run: run.get("batch_size")), max(group, key=lambda run: run.get("batch_size")))

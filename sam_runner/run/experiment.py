@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sam_runner.errors import SamRunnerError, describe_unforeseen
-from sam_runner.run import resume, stopping
+from sam_runner.run import resume, rundir, stopping
 from sam_runner.run.build import build_run
 from sam_runner.run.checkpoint import write_json_atomic
 from sam_runner.run.hyperparameters import HyperParameters
@@ -126,7 +126,7 @@ def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str) -> d
     """A plain optimizer ignores rho: in a rho sweep only its run at the sweep's first rho trains."""
     summary = {"status": Status.DUPLICATE.value, "epochs_completed": 0,
                "error": f"{hparams['optimizer']} ignores rho; see the run with rho={plain_rho}", **hparams}
-    write_json_atomic(summary, run_dir / "summary.json")
+    write_json_atomic(summary, run_dir / rundir.SUMMARY)
     log.info("skipped: %s", summary["error"])
     return summary
 

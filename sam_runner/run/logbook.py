@@ -27,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from sam_runner.run.checkpoint import strict_json, write_json_atomic
+from sam_runner.run.rundir import METRICS, RUN_INFO, SUMMARY
 from sam_runner.run.status import ENDED
 
 SHOW_PROGRESS = sys.stderr.isatty()  # bars only for a person at a terminal, never in logs or CI
@@ -129,7 +130,7 @@ def write_run_info(run_dir: Path, argv: list[str], resolved_config: dict[str, An
     """run.json: the command, config and environment of the run; a continuation is added to `resumes`. Written
     before any other record, so a directory with sam-run's records and no run.json is not a sam-run's (rundir)."""
     info = {"argv": argv, "config": resolved_config, **environment(device)}
-    path = run_dir / "run.json"
+    path = run_dir / RUN_INFO
     if resumed_at_step is not None:
         earlier = json.loads(path.read_text())
         resume = {"argv": argv, "host": info["host"], "at_step": resumed_at_step,
@@ -153,7 +154,7 @@ class Logbook:
         self.hparams = hparams
         run_dir.mkdir(parents=True, exist_ok=True)
         self._purge_step = purge_step
-        self._metrics_file = (run_dir / "metrics.jsonl").open("a+b")
+        self._metrics_file = (run_dir / METRICS).open("a+b")
         self._metrics_file.truncate(_whole_lines_up_to(self._metrics_file, metrics_offset))
 
     @cached_property
@@ -173,7 +174,7 @@ class Logbook:
         return self._metrics_file.tell()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json_atomic({**summary, **self.hparams}, self.run_dir / "summary.json")
+        write_json_atomic({**summary, **self.hparams}, self.run_dir / SUMMARY)
 
     def close(self, summary: dict[str, Any]) -> None:
         """Write the HParams record into this run's own event file (add_hparams would make a second run), once the
@@ -203,9 +204,3 @@ def _whole_lines_up_to(file: BinaryIO, offset: int) -> int:
     return file.read().rfind(b"\n") + 1
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sam_runner.run import resume
+from sam_runner.run import resume, rundir
 from sam_runner.run.build import Training
 from sam_runner.run.checkpoint import save_atomic
 from sam_runner.run.evaluation import generalization
@@ -140,10 +140,10 @@ def save_checkpoint(run: Training, progress: Progress, summary: dict[str, Any]) 
         run.team.sync_buffers(run.model)
         if not _finite(run.network):  # the same on every rank: DDP keeps the weights equal, buffers just synced
             log.warning("step %d: the weights are not finite; %s keeps the last finite ones", progress.step,
-                        resume.CHECKPOINT)
+                        rundir.CHECKPOINT)
             return
         state = resume.checkpoint_state(run, progress, summary)  # under DDP, with every rank's own part
-        run.team.by_main(save_atomic, state, run.logbook.run_dir / resume.CHECKPOINT)
+        run.team.by_main(save_atomic, state, run.logbook.run_dir / rundir.CHECKPOINT)
 
 
 def _finite(model: nn.Module) -> bool:

@@ -9,7 +9,6 @@ stopped (on the CPU; cuDNN's kernel choice can differ between processes on a GPU
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ import torch
 from sam_runner.errors import CheckpointError, ConfigError
 from sam_runner.run import checkpoint, rundir
 from sam_runner.run.build import Training
-from sam_runner.run.logbook import read_summary
 from sam_runner.run.measurement import keep_remeasurements
 from sam_runner.run.progress import Progress
-from sam_runner.run.rundir import CHECKPOINT
+from sam_runner.run.rundir import CHECKPOINT, UnreadableRecord, read_summary, run_config
 from sam_runner.run.status import ENDED
 from sam_runner.scale.distributed import World
 
@@ -107,13 +105,10 @@ def refuse_another_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 def _earlier_config(run_dir: Path) -> dict[str, Any]:
     try:
-        config = json.loads((run_dir / "run.json").read_text()).get("config")
-    except (OSError, ValueError, AttributeError):
-        config = None
-    if not isinstance(config, dict):
+        return run_config(run_dir)
+    except UnreadableRecord:
         raise CheckpointError(f"{run_dir} holds an earlier run but no readable run.json to tell its config: "
-                              f"add resume=false to start over, or choose another hydra.run.dir")
-    return config
+                              f"add resume=false to start over, or choose another hydra.run.dir") from None
 
 
 def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -1,28 +1,66 @@
-"""One run directory, one run: a lock that a second run started on the same directory reports, the cleanup of
-what a killed run left half-written, and starting over when asked, which removes only what a sam-run wrote."""
+"""One run directory, one run: the names of its files, the readers of its JSON records, a lock that a second run
+started on the same directory reports, the cleanup of what a killed run left half-written, and starting over when
+asked, which removes only what a sam-run wrote."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from sam_runner.errors import ConfigError
+from sam_runner.errors import ConfigError, SamRunnerError
 
 log = logging.getLogger("sam_runner")
 
 LOCK_NAME = ".lock"
+SUMMARY = "summary.json"  # how the run stands or ended, its results and hyper-parameters (rewritten every epoch)
+RUN_INFO = "run.json"  # written first by every sam-run: the mark of a directory whose records are a sam-run's
+METRICS = "metrics.jsonl"  # one line per logged epoch
 # What sam-run writes into a run directory besides Hydra's .hydra/ and log file (those are appended to).
-RECORD_FILES = ("summary.json", "run.json", "metrics.jsonl")
+RECORD_FILES = (SUMMARY, RUN_INFO, METRICS)
 RECORD_GLOBS = ("events.out.tfevents.*",)
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT = Path(CHECKPOINT_DIR) / "last.pt"
-RUN_INFO = "run.json"  # written first by every sam-run: the mark of a directory whose records are a sam-run's
+
+
+class UnreadableRecord(SamRunnerError):
+    """A JSON record of a run directory is missing, unreadable or not a JSON object."""
+
+
+def read_record(run_dir: Path, name: str) -> dict[str, Any]:
+    """A JSON object sam-run wrote into `run_dir` (SUMMARY, RUN_INFO); `UnreadableRecord` says why it is not one."""
+    path = run_dir / name
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UnreadableRecord(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableRecord(f"{path} cannot be read: {error}") from None
+    if not isinstance(record, dict):
+        raise UnreadableRecord(f"{path} does not hold a JSON object")
+    return record
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json, or None where there is none to read (a run that never wrote one, or a broken file)."""
+    try:
+        return read_record(run_dir, SUMMARY)
+    except UnreadableRecord:
+        return None
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The config run.json records; `UnreadableRecord` where there is none."""
+    config = read_record(run_dir, RUN_INFO).get("config")
+    if not isinstance(config, dict):
+        raise UnreadableRecord(f"{run_dir / RUN_INFO} holds no run config")
+    return config
 
 
 @contextmanager

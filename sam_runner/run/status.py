@@ -6,15 +6,15 @@ from enum import Enum
 
 
 class Status(str, Enum):
-    """A run's status. Summaries hold its value, a plain string (checkpoints carry the summary, and torch's
+    """A run's status, in the order reports count them. Summaries hold its value, a plain string (checkpoints carry the summary, and torch's
     weights-only loading knows no enum); a member equals its value."""
 
-    RUNNING = "running"  # training, or killed without a chance to say otherwise (kill -9, power loss)
     COMPLETED = "completed"  # trained its budget (or reached its target) and took its final measurements
-    DIVERGED = "diverged"  # the training loss became non-finite; the last finite checkpoint is kept
-    PREEMPTED = "preempted"  # stopped by SIGTERM/SIGUSR1/SIGUSR2 after a checkpoint: the same command continues it
+    RUNNING = "running"  # training, or killed without a chance to say otherwise (kill -9, power loss)
     INTERRUPTED = "interrupted"  # stopped by Ctrl-C: the same command continues it from the last checkpoint
+    PREEMPTED = "preempted"  # stopped by SIGTERM/SIGUSR1/SIGUSR2 after a checkpoint: the same command continues it
     FAILED = "failed"  # an error ended it (the summary's `error` says which)
+    DIVERGED = "diverged"  # the training loss became non-finite; the last finite checkpoint is kept
     DUPLICATE = "duplicate"  # a plain optimizer's run at a rho other than the sweep's first: not trained
 
     def __str__(self) -> str:
