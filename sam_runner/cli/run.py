@@ -9,21 +9,26 @@ unknown group option stops everything with one line and exit code 2 before anyth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
-import math
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import FINISHED, SweepTable
@@ -51,7 +56,6 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
-COMBINATION_LIMIT = 100  # sweep jobs the pre-flight composes one by one (Hydra: about 0.2 s each on 2 CPU cores)
 JOB_NAME_LIMIT = 80  # characters of a sweep job's directory name: far below any file system's 255-byte limit
 
 
@@ -113,12 +117,41 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[st
 
 
 def _jobs(by_key: dict[str, list[str]]) -> list[list[str]]:
-    """The overrides of every job a sweep runs (the product of its values). A sweep of more than
-    COMBINATION_LIMIT jobs is checked one value at a time instead (each with the other keys' first values)."""
-    if math.prod(len(values) for values in by_key.values()) <= COMBINATION_LIMIT:
-        return [list(job) for job in itertools.product(*by_key.values())]
-    first = {key: values[0] for key, values in by_key.items()}
-    return [list({**first, key: value}.values()) for key, values in by_key.items() for value in values]
+    """The overrides of every job a sweep runs (the product of its values)."""
+    return [list(job) for job in itertools.product(*by_key.values())]
+
+
+def _job_configs(args: argparse.Namespace, base: DictConfig, jobs: list[list[str]], search: list[str]
+                 ) -> Iterator[DictConfig]:
+    """Every job's config, as Hydra composes it, at the cost of one composition per distinct choice of config
+    groups: the other overrides (values, as Hydra applies them after the defaults list) go onto a copy.
+
+    Hydra takes about 0.2 s per composition on 2 CPU cores, so composing each of a thousand-job sweep would take
+    minutes; applying a value takes a millisecond. Every combination is checked, however large the sweep.
+    """
+    groups = set(base.hydra.runtime.choices)
+    parser = OverridesParser.create()
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    for job in jobs:
+        parsed = parser.parse_overrides(job)
+        choices = tuple(o.input_line for o in parsed if _chooses_config(o, groups, base))
+        if choices not in composed:
+            composed[choices] = _composed(args, [*choices, *search])
+        task = composed[choices]  # without the large `hydra` node: a job's own settings of it are not checked
+        cfg = OmegaConf.masked_copy(task, [key for key in task if key != "hydra"])
+        values = [o for o in parsed if not _chooses_config(o, groups, base) and not o.key_or_group.startswith("hydra.")]
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except (HydraException, OmegaConfBaseException) as error:
+            raise _explain_compose_error(error) from None
+        yield cfg
+
+
+def _chooses_config(override: Override, groups: set[str], base: DictConfig) -> bool:
+    """An override that changes the defaults list: a config group's option, or a top-level key the base lacks
+    (`+my_group=x` from --config-dir, or a new key: composing it is only slower)."""
+    key = override.key_or_group
+    return key in groups or ("." not in key and key not in base)
 
 
 def _first_rho(overrides: list[str]) -> str | None:
@@ -128,12 +161,19 @@ def _first_rho(overrides: list[str]) -> str | None:
     return None
 
 
-def _check_writable(directory: Path) -> None:
+NAME_MAX = 255  # bytes in one file or folder name on Linux and macOS file systems
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    too_long = [part for part in directory.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise ConfigError(f"{key}: the name {too_long[0][:20]}... is {len(os.fsencode(too_long[0]))} bytes, longer "
+                          f"than file systems allow ({NAME_MAX}): choose a shorter {key}")
     existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cannot write run outputs under {existing}: choose a writable hydra.run.dir / hydra.sweep.dir")
+        raise ConfigError(f"cannot write run outputs under {existing}: choose a writable {key}")
 
 
 def hydra_arguments(argv: list[str]) -> argparse.Namespace:
@@ -144,13 +184,17 @@ def hydra_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 def _check_launcher_found(target: str) -> None:
-    """A launcher class Hydra would not find: sam-runner's own (hydra_plugins/) in an editable install."""
+    """A launcher class Hydra would not find (sam-runner's own, hydra_plugins/, in an editable install), or one
+    whose scheduler is not installed here."""
     from hydra.core.plugins import Plugins
 
     if target.startswith("hydra_plugins.") and target not in Plugins.instance().class_name_to_class:
         raise ConfigError(f"Hydra finds no launcher {target}: install sam-runner without -e (pip install "
                           f"'.[launchers]'), or editable with --config-settings editable_mode=strict (a default "
                           f"editable install hides Hydra plugins)")
+    if target.endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=slurm submits each job with sbatch, which is not on this machine's PATH: "
+                          "run the sweep from a SLURM login node, or try it here with hydra/launcher=slurm_local")
 
 
 def preflight(args: argparse.Namespace) -> None:
@@ -175,24 +219,59 @@ def preflight(args: argparse.Namespace) -> None:
         if preset_params:  # a preset's grid comes first; the command line's overrides of the same keys win
             _, preset = _split_overrides([f"{key}={value}" for key, value in preset_params.items()])
             by_key = {**preset, **by_key}
-        for job in _jobs(by_key):
-            cfg = base if job == fixed else _composed(args, job + search)
+        jobs = _jobs(by_key)
+        for cfg in [base] if jobs == [fixed] else _job_configs(args, base, jobs, search):
             config_schema.validate(cfg)
-            key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
-            output = str(OmegaConf.select(cfg, key) or "").strip()
-            if not output:
-                raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
-            _check_writable(Path(output))
-            parent, _, leaf = key.rpartition(".")
-            unresolved = OmegaConf.to_container(OmegaConf.select(cfg, parent))[leaf]
-            torchrun_env.refuse_per_process_directory(key, str(unresolved))
-            # before Hydra writes .hydra/ into a directory that holds another run; under torchrun rank 0 checks
-            # for all (it may hold the run's lock already when another process gets here)
-            if not args.multirun and torchrun_env.launched_rank() == 0:
-                from sam_runner.run import resume  # loads torch: not for `--help`
-                task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
-                resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
-                                           resume=bool(cfg.resume))
+            _check_data_dir(cfg)
+        _check_outputs(args, base)
+        if args.multirun:
+            _claim_sweep_dir(base)
+
+
+def _check_outputs(args: argparse.Namespace, cfg: DictConfig) -> None:
+    """The output directory of the command's config `cfg`: usable, and (a single run) free to continue or start."""
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    output = str(OmegaConf.select(cfg, key) or "").strip()
+    if not output:
+        raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
+    _check_writable(Path(output), key)
+    parent, _, leaf = key.rpartition(".")
+    unresolved = OmegaConf.to_container(OmegaConf.select(cfg, parent))[leaf]
+    torchrun_env.refuse_per_process_directory(key, str(unresolved))
+    # before Hydra writes .hydra/ into a directory that holds another run; under torchrun rank 0 checks
+    # for all (it may hold the run's lock already when another process gets here)
+    if not args.multirun and torchrun_env.launched_rank() == 0:
+        from sam_runner.run import resume  # loads torch: not for `--help`
+        task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
+        resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
+                                   resume=bool(cfg.resume))
+
+
+def _check_data_dir(cfg: DictConfig) -> None:
+    data_dir = Path(str(cfg.data_dir))
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"data_dir={data_dir} is a file, not a folder: datasets are read and cached in a folder; "
+                          f"choose another data_dir")
+
+
+# A sweep's directory is held (rundir's lock) from the pre-flight until the process ends: a second sweep into
+# it is refused before it runs anything, even between two of the first sweep's jobs.
+_held_sweep_dir = contextlib.ExitStack()
+
+
+def _claim_sweep_dir(cfg: DictConfig) -> None:
+    """Hold the sweep's directory, when its name is fixed: one named by the time (`${now:...}`, the default) may
+    resolve to another name when Hydra composes it again, and no other sweep can be running in it anyway."""
+    from sam_runner.run import rundir
+
+    if "${now:" in OmegaConf.to_container(cfg.hydra.sweep)["dir"]:
+        return
+    sweep_dir = Path(str(cfg.hydra.sweep.dir))
+    try:
+        _held_sweep_dir.enter_context(rundir.claim(sweep_dir))
+    except ConfigError:
+        raise ConfigError(f"{sweep_dir} is in use by another sweep: wait for it to end, or choose another "
+                          f"hydra.sweep.dir") from None
 
 
 def _composed(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
