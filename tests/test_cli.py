@@ -203,6 +203,14 @@ def test_fewer_classes_than_the_labels_is_bad_input(workdir: Path) -> None:
         "set dataset.num_classes=10, or null to infer it from the labels")
 
 
+def test_images_per_second_counts_the_samples_trained_not_the_batch_size(workdir: Path) -> None:
+    result = run_cli("sam-run", *TINY, "batch_size=1000", "epochs=1", "sharpness.measures=[]",
+                     "hydra.run.dir=outputs/run", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((workdir / "outputs" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["opt/images_per_s"] * metrics["opt/epoch_time_s"] == pytest.approx(256)  # TINY's training set
+
+
 def test_a_clash_hidden_in_one_combination_of_a_large_sweep_stops_it_before_any_run(workdir: Path) -> None:
     """120 jobs: each value is valid with the others' first values; only batch 16 with micro-batch 64 clashes."""
     result = run_cli("sam-run", "-m", *TINY, "optimizer=sam", "batch_size=256,16", "optimizer.sam.micro_batch_size=8,64",
