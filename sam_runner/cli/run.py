@@ -83,6 +83,13 @@ def _fail(error: Exception | str, program: str = "sam-run", code: int = EXIT_USA
     sys.exit(code)
 
 
+def _fail_unforeseen(error: Exception, program: str) -> None:
+    """An error no check foresaw, in one line and exit 1; HYDRA_FULL_ERROR=1 (as for sam-run) re-raises it."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    _fail(f"{describe_unforeseen(error)} (HYDRA_FULL_ERROR=1 shows where)", program, EXIT_NOT_COMPLETED)
+
+
 def _one_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(line for line in lines if not line.startswith(("full_key", "object_type", "Set the env")))
@@ -403,6 +410,8 @@ def landscape_main(argv: list[str] | None = None) -> None:
             paths = landscape.directions(args.runs, args.out, **options)
     except SamRunnerError as error:
         _fail(error, "sam-landscape")
+    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
+        _fail_unforeseen(error, "sam-landscape")
     for path in paths:
         print(path)
 
