@@ -215,3 +215,16 @@ def test_cli_plugin_that_raises_is_one_line_and_exit_1(runs: dict, tmp_path: Pat
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "sam-landscape: error: RuntimeError: the plug-in broke (HYDRA_FULL_ERROR=1 shows where)"]
     assert not (tmp_path / "pictures").exists()
+
+
+def test_sam_report_skips_a_picture_over_a_corrupt_checkpoint_and_says_so(runs: dict, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    small, large = (shutil.copytree(runs["mlp", size], sweep / str(size)) for size in (32, 128))
+    (large / "checkpoints" / "last.pt").write_bytes(b"torn")
+    result = run_cli("sam-report", str(sweep), "--out", "report", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    for picture in ("interpolation", "direction"):
+        note = f"The {picture} picture was skipped: checkpoint {large / 'checkpoints' / 'last.pt'} is corrupt"
+        assert f"- {note}" in report and f"sam-report: warning: {note}" in result.stderr
+    assert "### Runs" in report and (tmp_path / "report" / "runs.csv").is_file()  # the rest of the report is there

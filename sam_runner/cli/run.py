@@ -90,6 +90,13 @@ def _fail_unforeseen(error: Exception, program: str) -> None:
     _fail(f"{describe_unforeseen(error)} (HYDRA_FULL_ERROR=1 shows where)", program, EXIT_NOT_COMPLETED)
 
 
+def _warnings_in_one_line(program: str) -> None:
+    """Warnings as `program: warning: ...` lines, without Python's file and source line."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *_: f"{program}: warning: {message}\n"
+
+
 def _one_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(line for line in lines if not line.startswith(("full_key", "object_type", "Set the env")))
@@ -395,11 +402,9 @@ def landscape_main(argv: list[str] | None = None) -> None:
         parser.error(f"--interpolate takes exactly two runs, RUN_A RUN_B (got {len(args.runs)})")
     if args.bn_stats and not args.interpolate:
         parser.error("--bn-stats applies only with --interpolate (a direction leaves BatchNorm statistics as trained)")
-    import warnings
-
     from sam_runner.report import landscape
 
-    warnings.formatwarning = lambda message, *_: f"sam-landscape: warning: {message}\n"
+    _warnings_in_one_line("sam-landscape")
     given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
     options = {"seed": args.seed, "num_samples": args.num_samples, "device": args.device,
                **{key: value for key, value in given.items() if value is not None}}
@@ -428,6 +433,7 @@ def report_main(argv: list[str] | None = None) -> None:
     from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
     from sam_runner.report.writer import write_report
 
+    _warnings_in_one_line("sam-report")  # e.g. a flatness picture skipped over a corrupt checkpoint
     try:
         report = write_report(args.paths, args.out, pictures=not args.no_pictures)
     except SamRunnerError as error:
@@ -436,5 +442,7 @@ def report_main(argv: list[str] | None = None) -> None:
         for problem in error.problems:
             print(f"sam-report: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except Exception as error:  # a plug-in that raises while a picture is drawn, a full disk: one line
+        _fail_unforeseen(error, "sam-report")
     print(report.markdown)
     print("wrote:", *(f"  {path}" for path in report.files), sep="\n")
