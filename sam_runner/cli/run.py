@@ -198,14 +198,17 @@ def hydra_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 def _check_launcher_found(target: str) -> None:
-    """A launcher class Hydra would not find (sam-runner's own, hydra_plugins/, in an editable install), or one
-    whose scheduler is not installed here."""
+    """A launcher class Hydra would not find: sam-runner's own (hydra_plugins/) in an editable install."""
     from hydra.core.plugins import Plugins
 
     if target.startswith("hydra_plugins.") and target not in Plugins.instance().class_name_to_class:
         raise ConfigError(f"Hydra finds no launcher {target}: install sam-runner without -e (pip install "
                           f"'.[launchers]'), or editable with --config-settings editable_mode=strict (a default "
                           f"editable install hides Hydra plugins)")
+
+
+def _check_slurm_present(target: str) -> None:
+    """A SLURM launcher on a machine without SLURM fails deep inside submitit, after Hydra has made the sweep."""
     if target.endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
         raise ConfigError("hydra/launcher=slurm submits each job with sbatch, which is not on this machine's PATH: "
                           "run the sweep from a SLURM login node, or try it here with hydra/launcher=slurm_local")
@@ -228,7 +231,9 @@ def preflight(args: argparse.Namespace) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = _composed(args, fixed + search)  # as Hydra: a sweep's own config comes from the fixed overrides alone
         if args.multirun:
-            _check_launcher_found(str(OmegaConf.select(base, "hydra.launcher._target_")))
+            launcher = str(OmegaConf.select(base, "hydra.launcher._target_"))
+            _check_launcher_found(launcher)
+            _check_slurm_present(launcher)
         preset_params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if args.multirun else {}
         if preset_params:  # a preset's grid comes first; the command line's overrides of the same keys win
             _, preset = _split_overrides([f"{key}={value}" for key, value in preset_params.items()])
