@@ -243,7 +243,7 @@ def preflight(args: argparse.Namespace) -> None:
             config_schema.validate(cfg)
             _check_data_dir(cfg)
         _check_outputs(args, base)
-        if args.multirun:
+        if args.multirun and torchrun_env.launched_rank() == 0:  # under torchrun, rank 0 holds it for all
             _claim_sweep_dir(base)
 
 
