@@ -163,6 +163,8 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("hydra.run.dir=", "hydra.run.dir is empty"),
     # what the builders would refuse only after making the run directory, checked without data
     ("model._target_=nowhere.model", "model._target_: cannot import nowhere.model"),
+    ("model._target_=.relative", "model._target_: cannot import .relative (Relative imports are not supported.)"),
+    ("+dataset.source.typo=1", "dataset.source (sam_runner.data.synthetic): got an unexpected keyword argument"),
     ("dataset.source.num_train=0", "dataset.source.num_train must be a positive integer (got 0)"),
     ("dataset.normalize={mean:[0.5],std:[0]}", "dataset.normalize.std must be positive"),
     ("dataset.augment={crop_padding:-1}", "crop_padding must be >= 0 pixels (got -1)"),

@@ -230,7 +230,7 @@ def locate_target(cfg: DictConfig, where: str) -> Any:
     path = str(OmegaConf.select(cfg, f"{where}._target_"))
     try:
         return _locate(path)
-    except ImportError as error:
+    except (ImportError, ValueError) as error:  # ValueError: a relative path (`.x`, `a..b`)
         reason = str(error).splitlines()[1] if len(str(error).splitlines()) > 1 else str(error)
         raise ConfigError(f"{where}._target_: cannot import {path} ({reason}): check the dotted path and that its "
                           f"module is importable") from None
@@ -255,7 +255,10 @@ def _validate_dataset(cfg: DictConfig) -> None:
     if source in SOURCE_CHECKS:
         arguments = OmegaConf.to_container(dataset.source, resolve=True)
         arguments.pop("_target_")
-        bound = inspect.signature(source).bind_partial(**arguments)
+        try:
+            bound = inspect.signature(source).bind_partial(**arguments)
+        except TypeError as error:
+            raise ConfigError(f"dataset.source ({dataset.source._target_}): {error}") from None
         bound.apply_defaults()
         SOURCE_CHECKS[source](**bound.arguments)
 
