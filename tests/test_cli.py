@@ -219,6 +219,11 @@ def test_a_clash_hidden_in_one_combination_of_a_large_sweep_stops_it_before_any_
                      "seed=range(30)", cwd=workdir)
     assert result.returncode == 2 and "micro_batch_size must be null or in [1, batch_size=16] (got 64)" in result.stderr
     assert not (workdir / "outputs").exists()
+    from sam_runner.cli.run import hydra_arguments, preflight
+    from sam_runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'optimizer.sam.etaa'"):  # each job's config stays strict
+        preflight(hydra_arguments(["-m", "optimizer=sam,asam", "optimizer.sam.etaa=0.1,0.2", "seed=range(30)"]))
 
 
 def test_a_second_sweep_into_a_sweep_directory_in_use_is_refused_before_it_runs(workdir: Path) -> None:

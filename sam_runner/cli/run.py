@@ -153,6 +153,7 @@ def _job_configs(args: argparse.Namespace, base: DictConfig, jobs: list[list[str
             composed[choices] = _composed(args, [*choices, *search])
         task = composed[choices]  # without the large `hydra` node: a job's own settings of it are not checked
         cfg = OmegaConf.masked_copy(task, [key for key in task if key != "hydra"])
+        OmegaConf.set_struct(cfg, True)  # as composed: a key the config lacks is a typo, not a new key
         values = [o for o in parsed if not _chooses_config(o, groups, base) and not o.key_or_group.startswith("hydra.")]
         try:
             ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
