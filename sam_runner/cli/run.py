@@ -1,9 +1,9 @@
 """Entry points (`sam-run`, `sam-measure`, `sam-report`, `sam-landscape`): the one place that turns exceptions into
 clear messages and exit codes.
 
-`sam-run` is a Hydra app. Before Hydra starts any job, a pre-flight composes the config once for every value
-of every override (a sweep's values one at a time) and validates it, so a typo, a bad type, rho < 0 or an
-unknown group option stops everything with one line and exit code 2 before anything is trained or written.
+`sam-run` is a Hydra app. Before Hydra starts any job, a pre-flight composes the config of every job (every
+combination of a sweep's values) and validates it, so a typo, a bad type, rho < 0 or an unknown group option
+stops everything with one line and exit code 2 before anything is trained or written.
 """
 
 from __future__ import annotations
