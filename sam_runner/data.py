@@ -95,9 +95,7 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
     derived from its arguments and the mnist1d version (`_mnist1d_cache_name`). Its global NumPy / `random`
     seeding is undone afterwards so that building the data does not change the run's random streams.
     """
-    if num_samples < 10 or not 0 < train_split < 1:
-        raise DataError(f"mnist1d needs num_samples >= 10 and 0 < train_split < 1 "
-                        f"(got {num_samples}, {train_split}): fix dataset.source.num_samples / train_split")
+    check_mnist1d(num_samples, train_split)
     cache = Path(cache_dir, _mnist1d_cache_name(num_samples, train_split, seed)) if cache_dir else None
     arrays = _read_cache(cache) if cache is not None and cache.is_file() else None
     if arrays is None:
@@ -106,6 +104,13 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
             _write_cache(arrays, cache)
     return (TensorPairs(arrays["x"].float().unsqueeze(1), arrays["y"]),
             TensorPairs(arrays["x_test"].float().unsqueeze(1), arrays["y_test"]))
+
+
+def check_mnist1d(num_samples: int, train_split: float, **_: object) -> None:
+    """The sizes MNIST-1D's generator accepts; checked again by the pre-flight, before any directory is made."""
+    if not (isinstance(num_samples, int) and num_samples >= 10 and 0 < train_split < 1):
+        raise DataError(f"mnist1d needs num_samples >= 10 and 0 < train_split < 1 "
+                        f"(got {num_samples}, {train_split}): fix dataset.source.num_samples / train_split")
 
 
 _CACHE_KEYS = ("x", "y", "x_test", "y_test")
@@ -161,6 +166,7 @@ def _read_cache(cache: Path) -> dict[str, Tensor] | None:
 def synthetic(num_train: int = 512, num_test: int = 256, input_shape: Sequence[int] = (1, 40),
               num_classes: int = 10, seed: int = 0) -> tuple[TensorPairs, TensorPairs]:
     """Gaussian classes (a random mean per class + unit noise): tiny, learnable and deterministic given seed."""
+    check_synthetic(num_train, num_test, num_classes)
     generator = torch.Generator().manual_seed(seed)
     shape = tuple(int(d) for d in input_shape)
     means = torch.randn(num_classes, *shape, generator=generator)
@@ -168,6 +174,17 @@ def synthetic(num_train: int = 512, num_test: int = 256, input_shape: Sequence[i
     labels = (torch.arange(total) % num_classes)[torch.randperm(total, generator=generator)]
     inputs = means[labels] + torch.randn(total, *shape, generator=generator)
     return TensorPairs(inputs[:num_train], labels[:num_train]), TensorPairs(inputs[num_train:], labels[num_train:])
+
+
+def check_synthetic(num_train: int, num_test: int, num_classes: int, **_: object) -> None:
+    """Positive sizes; checked again by the pre-flight, before any directory is made."""
+    for name, value in {"num_train": num_train, "num_test": num_test, "num_classes": num_classes}.items():
+        if not (isinstance(value, int) and value > 0):
+            raise DataError(f"dataset.source.{name} must be a positive integer (got {value})")
+
+
+# The size checks of the built-in dataset sources, keyed by the source, so the pre-flight runs them without data.
+SOURCE_CHECKS = {mnist1d: check_mnist1d, synthetic: check_synthetic}
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -229,6 +246,15 @@ def infer_num_classes(targets: Tensor) -> int:
     return int(targets.max()) + 1
 
 
+def check_labels(num_classes: int, *targets: Tensor) -> None:
+    """Every label a class index below `dataset.num_classes`; else the loss fails mid-training on an index."""
+    smallest, largest = min(int(labels.min()) for labels in targets), max(int(labels.max()) for labels in targets)
+    if smallest < 0 or largest >= num_classes:
+        raise DataError(f"dataset.num_classes={num_classes}, but the labels go from {smallest} to {largest}: labels "
+                        f"must be class indices 0..{num_classes - 1}; set dataset.num_classes={largest + 1}, or null "
+                        f"to infer it from the labels")
+
+
 # ----------------------------------------------------------------------------------------------- batches
 
 
@@ -244,6 +270,26 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed mixed from (seed, epoch), decorrelated from `seed` itself (which also seeds the model)."""
     digest = hashlib.sha256(f"sam_runner.data:{seed}:{epoch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def check_augment(augment: dict) -> tuple[int, bool]:
+    """(crop padding, flip) of a `dataset.augment` node; what needs no data is checked here (and in the pre-flight)."""
+    unknown = set(augment) - {"crop_padding", "horizontal_flip"}
+    if unknown:
+        raise ConfigError(f"unknown dataset.augment keys {sorted(unknown)}: use crop_padding and horizontal_flip")
+    padding, flip = augment.get("crop_padding") or 0, bool(augment.get("horizontal_flip", False))
+    if not isinstance(padding, int) or padding < 0:
+        raise ConfigError(f"dataset.augment.crop_padding must be >= 0 pixels (got {padding})")
+    return padding, flip
+
+
+def check_normalize(normalize: dict) -> None:
+    """A `dataset.normalize` node divides by its std: every value positive and finite, as many as the means."""
+    mean, std = list(normalize.get("mean") or []), list(normalize.get("std") or [])
+    if len(mean) != len(std):
+        raise ConfigError(f"dataset.normalize needs as many means as stds (one per channel); got {mean} and {std}")
+    if not all(isinstance(value, (int, float)) and 0 < value < math.inf for value in std):
+        raise ConfigError(f"dataset.normalize.std must be positive; got {std}")
 
 
 class BatchStream:
@@ -270,12 +316,7 @@ class BatchStream:
         self.mean, self.std = self._parse_normalize(normalize)
 
     def _parse_augment(self, augment: dict) -> tuple[int, bool]:
-        unknown = set(augment) - {"crop_padding", "horizontal_flip"}
-        if unknown:
-            raise ConfigError(f"unknown dataset.augment keys {sorted(unknown)}: use crop_padding and horizontal_flip")
-        padding, flip = int(augment.get("crop_padding") or 0), bool(augment.get("horizontal_flip", False))
-        if padding < 0:
-            raise ConfigError(f"dataset.augment.crop_padding must be >= 0 pixels (got {padding})")
+        padding, flip = check_augment(augment)
         if (padding or flip) and self.inputs.dim() != 4:
             raise ConfigError(f"dataset.augment (crop/flip) needs images (N, C, H, W); the inputs have shape "
                               f"{tuple(self.inputs.shape)}: set dataset.augment=null")
@@ -284,6 +325,7 @@ class BatchStream:
     def _parse_normalize(self, normalize: dict | None) -> tuple[Tensor | None, Tensor | None]:
         if not normalize:
             return None, None
+        check_normalize(normalize)
         channels = self.inputs.shape[1]
         view = (1, channels) + (1,) * (self.inputs.dim() - 2)
         stats = []
@@ -292,8 +334,6 @@ class BatchStream:
             if len(values) != channels:
                 raise ConfigError(f"dataset.normalize.{key} needs one value per channel ({channels}); got {values}")
             stats.append(torch.tensor(values, dtype=torch.float32, device=self.inputs.device).view(view))
-        if bool((stats[1] <= 0).any()):
-            raise ConfigError(f"dataset.normalize.std must be positive; got {normalize['std']}")
         return stats[0], stats[1]
 
     @property

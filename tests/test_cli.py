@@ -161,6 +161,17 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("sharpness.measures=[sharpest]", "sharpness.measures: unknown ['sharpest']"),
     ("rho=inf", "rho must be a finite number (got inf)"),
     ("hydra.run.dir=", "hydra.run.dir is empty"),
+    # what the builders would refuse only after making the run directory, checked without data
+    ("model._target_=nowhere.model", "model._target_: cannot import nowhere.model"),
+    ("model._target_=.relative", "model._target_: cannot import .relative (Relative imports are not supported.)"),
+    ("+dataset.source.typo=1", "dataset.source (sam_runner.data.synthetic): got an unexpected keyword argument"),
+    ("dataset.source.num_train=0", "dataset.source.num_train must be a positive integer (got 0)"),
+    ("dataset.normalize={mean:[0.5],std:[0]}", "dataset.normalize.std must be positive"),
+    ("dataset.augment={crop_padding:-1}", "crop_padding must be >= 0 pixels (got -1)"),
+    ("dataset.num_classes=0", "dataset.num_classes must be a positive number of classes or null"),
+    ("steps=-5", "steps must be > 0 optimizer updates or null (got -5)"),
+    ("data_dir=/dev/null", "data_dir=/dev/null is a file, not a folder"),
+    (f"hydra.run.dir=outputs/{'x' * 300}", "is 300 bytes, longer than file systems allow (255)"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(workdir: Path, override: str,
                                                                       message: str) -> None:
@@ -184,6 +195,55 @@ def test_a_clashing_combination_in_a_sweep_stops_it_before_any_run(workdir: Path
                      "optimizer.sam.micro_batch_size=8,64", cwd=workdir)
     assert result.returncode == 2 and "micro_batch_size must be null or in [1, batch_size=16] (got 64)" in result.stderr
     assert not (workdir / "outputs").exists()
+
+
+def test_fewer_classes_than_the_labels_is_bad_input(workdir: Path) -> None:
+    result = run_cli("sam-run", *TINY, "dataset.source.num_classes=10", "dataset.num_classes=4",
+                     "hydra.run.dir=outputs/run", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "sam-run: error: dataset.num_classes=4, but the labels go from 0 to 9: labels must be class indices 0..3; "
+        "set dataset.num_classes=10, or null to infer it from the labels")
+
+
+def test_images_per_second_counts_the_samples_trained_not_the_batch_size(workdir: Path) -> None:
+    result = run_cli("sam-run", *TINY, "batch_size=1000", "epochs=1", "sharpness.measures=[]",
+                     "hydra.run.dir=outputs/run", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((workdir / "outputs" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["opt/images_per_s"] * metrics["opt/epoch_time_s"] == pytest.approx(256)  # TINY's training set
+
+
+def test_a_clash_hidden_in_one_combination_of_a_large_sweep_stops_it_before_any_run(workdir: Path) -> None:
+    """120 jobs: each value is valid with the others' first values; only batch 16 with micro-batch 64 clashes."""
+    result = run_cli("sam-run", "-m", *TINY, "optimizer=sam", "batch_size=256,16", "optimizer.sam.micro_batch_size=8,64",
+                     "seed=range(30)", cwd=workdir)
+    assert result.returncode == 2 and "micro_batch_size must be null or in [1, batch_size=16] (got 64)" in result.stderr
+    assert not (workdir / "outputs").exists()
+    from sam_runner.cli.run import hydra_arguments, preflight
+    from sam_runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'optimizer.sam.etaa'"):  # each job's config stays strict
+        preflight(hydra_arguments(["-m", "optimizer=sam,asam", "optimizer.sam.etaa=0.1,0.2", "seed=range(30)"]))
+
+
+def test_a_second_sweep_into_a_sweep_directory_in_use_is_refused_before_it_runs(workdir: Path) -> None:
+    from sam_runner.run import rundir
+
+    sweep_dir = workdir / "outputs" / "sweep"
+    with rundir.claim(sweep_dir):  # as the pre-flight of a sweep still running there holds it
+        result = run_cli("sam-run", "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep_dir}", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"sam-run: error: {sweep_dir} is in use by another sweep: wait for it to end, " \
+                                    f"or choose another hydra.sweep.dir"
+    assert sorted(path.name for path in sweep_dir.iterdir()) == [rundir.LOCK_NAME]
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is installed here")
+def test_the_slurm_launcher_without_slurm_is_one_line(workdir: Path) -> None:
+    result = run_cli("sam-run", "-m", *TINY, "hydra/launcher=slurm", "seed=0,1", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.startswith("sam-run: error: hydra/launcher=slurm submits each job "
+                                                               "with sbatch")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (workdir / "outputs").exists()
 
 
 @pytest.mark.parametrize("argv", [

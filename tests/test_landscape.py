@@ -177,3 +177,54 @@ def test_cli_bad_runs_are_one_error_line_and_exit_2(runs: dict, tmp_path: Path, 
     assert result.stderr.startswith(expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr
     if which == "missing":
         assert "nope/run.json is missing" in result.stderr
+
+
+def copied_run(run_dir: Path, to: Path, **config_changes: str) -> Path:
+    """A copy of `run_dir` whose run.json holds other dataset.source values (dotted key under the config)."""
+    shutil.copytree(run_dir, to)
+    info = read_json(to / "run.json")
+    for key, value in config_changes.items():
+        info["config"]["dataset"]["source"][key] = value
+    (to / "run.json").write_text(json.dumps(info))
+    return to
+
+
+def test_cli_refuses_to_interpolate_between_runs_on_different_data(runs: dict, tmp_path: Path) -> None:
+    other_data = copied_run(runs["mlp", 32], tmp_path / "other", seed=1)  # the same network on other samples
+    result = run_cli("sam-landscape", "--interpolate", str(runs["mlp", 32]), str(other_data), cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("sam-landscape: error: cannot interpolate between runs on different data")
+    assert not (runs["mlp", 32] / "landscape" / "interpolation.csv").exists()
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/pictures"])
+def test_cli_out_that_cannot_be_a_folder_is_one_line_before_any_evaluation(runs: dict, tmp_path: Path,
+                                                                            out: str) -> None:
+    (tmp_path / "a_file").write_text("mine")
+    result = run_cli("sam-landscape", str(runs["mlp", 32]), "--out", out, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"sam-landscape: error: cannot write the pictures under {out}: a_file is not a folder; choose another --out"]
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_cli_plugin_that_raises_is_one_line_and_exit_1(runs: dict, tmp_path: Path) -> None:
+    (tmp_path / "broken_plugin.py").write_text("def make_data(**_):\n    raise RuntimeError('the plug-in broke')\n")
+    broken = copied_run(runs["mlp", 32], tmp_path / "broken", _target_="broken_plugin.make_data")
+    result = run_cli("sam-landscape", str(broken), "--out", "pictures", cwd=tmp_path,
+                     extra_env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "sam-landscape: error: RuntimeError: the plug-in broke (HYDRA_FULL_ERROR=1 shows where)"]
+    assert not (tmp_path / "pictures").exists()
+
+
+def test_sam_report_skips_a_picture_over_a_corrupt_checkpoint_and_says_so(runs: dict, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    small, large = (shutil.copytree(runs["mlp", size], sweep / str(size)) for size in (32, 128))
+    (large / "checkpoints" / "last.pt").write_bytes(b"torn")
+    result = run_cli("sam-report", str(sweep), "--out", "report", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    for picture in ("interpolation", "direction"):
+        note = f"The {picture} picture was skipped: checkpoint {large / 'checkpoints' / 'last.pt'} is corrupt"
+        assert f"- {note}" in report and f"sam-report: warning: {note}" in result.stderr
+    assert "### Runs" in report and (tmp_path / "report" / "runs.csv").is_file()  # the rest of the report is there

@@ -1,30 +1,35 @@
 """Entry points (`sam-run`, `sam-measure`, `sam-report`, `sam-landscape`): the one place that turns exceptions into
 clear messages and exit codes.
 
-`sam-run` is a Hydra app. Before Hydra starts any job, a pre-flight composes the config once for every value
-of every override (a sweep's values one at a time) and validates it, so a typo, a bad type, rho < 0 or an
-unknown group option stops everything with one line and exit code 2 before anything is trained or written.
+`sam-run` is a Hydra app. Before Hydra starts any job, a pre-flight composes the config of every job (every
+combination of a sweep's values) and validates it, so a typo, a bad type, rho < 0 or an unknown group option
+stops everything with one line and exit code 2 before anything is trained or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
-import math
 import os
+import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sam_runner.errors import ConfigError, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import SweepTable
@@ -53,7 +58,6 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
-COMBINATION_LIMIT = 100  # sweep jobs the pre-flight composes one by one (Hydra: about 0.2 s each on 2 CPU cores)
 JOB_NAME_LIMIT = 80  # characters of a sweep job's directory name: far below any file system's 255-byte limit
 
 
@@ -79,6 +83,20 @@ OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
 def _fail(error: Exception | str, program: str = "sam-run", code: int = EXIT_USAGE) -> None:
     print(f"{program}: error: {error}", file=sys.stderr)
     sys.exit(code)
+
+
+def _fail_unforeseen(error: Exception, program: str) -> None:
+    """An error no check foresaw, in one line and exit 1; HYDRA_FULL_ERROR=1 (as for sam-run) re-raises it."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    _fail(f"{describe_unforeseen(error)} (HYDRA_FULL_ERROR=1 shows where)", program, EXIT_NOT_COMPLETED)
+
+
+def _warnings_in_one_line(program: str) -> None:
+    """Warnings as `program: warning: ...` lines, without Python's file and source line."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *_: f"{program}: warning: {message}\n"
 
 
 def _one_line(error: Exception) -> str:
@@ -115,12 +133,42 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[st
 
 
 def _jobs(by_key: dict[str, list[str]]) -> list[list[str]]:
-    """The overrides of every job a sweep runs (the product of its values). A sweep of more than
-    COMBINATION_LIMIT jobs is checked one value at a time instead (each with the other keys' first values)."""
-    if math.prod(len(values) for values in by_key.values()) <= COMBINATION_LIMIT:
-        return [list(job) for job in itertools.product(*by_key.values())]
-    first = {key: values[0] for key, values in by_key.items()}
-    return [list({**first, key: value}.values()) for key, values in by_key.items() for value in values]
+    """The overrides of every job a sweep runs (the product of its values)."""
+    return [list(job) for job in itertools.product(*by_key.values())]
+
+
+def _job_configs(args: argparse.Namespace, base: DictConfig, jobs: list[list[str]], search: list[str]
+                 ) -> Iterator[DictConfig]:
+    """Every job's config, as Hydra composes it, at the cost of one composition per distinct choice of config
+    groups: the other overrides (values, as Hydra applies them after the defaults list) go onto a copy.
+
+    Hydra takes about 0.2 s per composition on 2 CPU cores, so composing each of a thousand-job sweep would take
+    minutes; applying a value takes a millisecond. Every combination is checked, however large the sweep.
+    """
+    groups = set(base.hydra.runtime.choices)
+    parser = OverridesParser.create()
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    for job in jobs:
+        parsed = parser.parse_overrides(job)
+        choices = tuple(o.input_line for o in parsed if _chooses_config(o, groups, base))
+        if choices not in composed:
+            composed[choices] = _composed(args, [*choices, *search])
+        task = composed[choices]  # without the large `hydra` node: a job's own settings of it are not checked
+        cfg = OmegaConf.masked_copy(task, [key for key in task if key != "hydra"])
+        OmegaConf.set_struct(cfg, True)  # as composed: a key the config lacks is a typo, not a new key
+        values = [o for o in parsed if not _chooses_config(o, groups, base) and not o.key_or_group.startswith("hydra.")]
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except (HydraException, OmegaConfBaseException) as error:
+            raise _explain_compose_error(error) from None
+        yield cfg
+
+
+def _chooses_config(override: Override, groups: set[str], base: DictConfig) -> bool:
+    """An override that changes the defaults list: a config group's option, or a top-level key the base lacks
+    (`+my_group=x` from --config-dir, or a new key: composing it is only slower)."""
+    key = override.key_or_group
+    return key in groups or ("." not in key and key not in base)
 
 
 def _first_rho(overrides: list[str]) -> str | None:
@@ -130,12 +178,19 @@ def _first_rho(overrides: list[str]) -> str | None:
     return None
 
 
-def _check_writable(directory: Path) -> None:
+NAME_MAX = 255  # bytes in one file or folder name on Linux and macOS file systems
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    too_long = [part for part in directory.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise ConfigError(f"{key}: the name {too_long[0][:20]}... is {len(os.fsencode(too_long[0]))} bytes, longer "
+                          f"than file systems allow ({NAME_MAX}): choose a shorter {key}")
     existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cannot write run outputs under {existing}: choose a writable hydra.run.dir / hydra.sweep.dir")
+        raise ConfigError(f"cannot write run outputs under {existing}: choose a writable {key}")
 
 
 def hydra_arguments(argv: list[str]) -> argparse.Namespace:
@@ -155,6 +210,13 @@ def _check_launcher_found(target: str) -> None:
                           f"editable install hides Hydra plugins)")
 
 
+def _check_slurm_present(target: str) -> None:
+    """A SLURM launcher on a machine without SLURM fails deep inside submitit, after Hydra has made the sweep."""
+    if target.endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=slurm submits each job with sbatch, which is not on this machine's PATH: "
+                          "run the sweep from a SLURM login node, or try it here with hydra/launcher=slurm_local")
+
+
 def preflight(args: argparse.Namespace) -> None:
     """Compose and validate every configuration the command will run, before Hydra launches anything.
 
@@ -172,29 +234,66 @@ def preflight(args: argparse.Namespace) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = _composed(args, fixed + search)  # as Hydra: a sweep's own config comes from the fixed overrides alone
         if args.multirun:
-            _check_launcher_found(str(OmegaConf.select(base, "hydra.launcher._target_")))
+            launcher = str(OmegaConf.select(base, "hydra.launcher._target_"))
+            _check_launcher_found(launcher)
+            _check_slurm_present(launcher)
         preset_params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if args.multirun else {}
         if preset_params:  # a preset's grid comes first; the command line's overrides of the same keys win
             _, preset = _split_overrides([f"{key}={value}" for key, value in preset_params.items()])
             by_key = {**preset, **by_key}
-        for job in _jobs(by_key):
-            cfg = base if job == fixed else _composed(args, job + search)
+        jobs = _jobs(by_key)
+        for cfg in [base] if jobs == [fixed] else _job_configs(args, base, jobs, search):
             validate(cfg)
-            key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
-            output = str(OmegaConf.select(cfg, key) or "").strip()
-            if not output:
-                raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
-            _check_writable(Path(output))
-            parent, _, leaf = key.rpartition(".")
-            unresolved = OmegaConf.to_container(OmegaConf.select(cfg, parent))[leaf]
-            torchrun_env.refuse_per_process_directory(key, str(unresolved))
-            # before Hydra writes .hydra/ into a directory that holds another run; under torchrun rank 0 checks
-            # for all (it may hold the run's lock already when another process gets here)
-            if not args.multirun and torchrun_env.launched_rank() == 0:
-                from sam_runner.run import resume  # loads torch: not for `--help`
-                task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
-                resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
-                                           resume=bool(cfg.resume))
+            _check_data_dir(cfg)
+        _check_outputs(args, base)
+        if args.multirun and torchrun_env.launched_rank() == 0:  # under torchrun, rank 0 holds it for all
+            _claim_sweep_dir(base)
+
+
+def _check_outputs(args: argparse.Namespace, cfg: DictConfig) -> None:
+    """The output directory of the command's config `cfg`: usable, and (a single run) free to continue or start."""
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    output = str(OmegaConf.select(cfg, key) or "").strip()
+    if not output:
+        raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
+    _check_writable(Path(output), key)
+    parent, _, leaf = key.rpartition(".")
+    unresolved = OmegaConf.to_container(OmegaConf.select(cfg, parent))[leaf]
+    torchrun_env.refuse_per_process_directory(key, str(unresolved))
+    # before Hydra writes .hydra/ into a directory that holds another run; under torchrun rank 0 checks
+    # for all (it may hold the run's lock already when another process gets here)
+    if not args.multirun and torchrun_env.launched_rank() == 0:
+        from sam_runner.run import resume  # loads torch: not for `--help`
+        task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
+        resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
+                                   resume=bool(cfg.resume))
+
+
+def _check_data_dir(cfg: DictConfig) -> None:
+    data_dir = Path(str(cfg.data_dir))
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"data_dir={data_dir} is a file, not a folder: datasets are read and cached in a folder; "
+                          f"choose another data_dir")
+
+
+# A sweep's directory is held (rundir's lock) from the pre-flight until the process ends: a second sweep into
+# it is refused before it runs anything, even between two of the first sweep's jobs.
+_held_sweep_dir = contextlib.ExitStack()
+
+
+def _claim_sweep_dir(cfg: DictConfig) -> None:
+    """Hold the sweep's directory, when its name is fixed: one named by the time (`${now:...}`, the default) may
+    resolve to another name when Hydra composes it again, and no other sweep can be running in it anyway."""
+    from sam_runner.run import rundir
+
+    if "${now:" in OmegaConf.to_container(cfg.hydra.sweep)["dir"]:
+        return
+    sweep_dir = Path(str(cfg.hydra.sweep.dir))
+    try:
+        _held_sweep_dir.enter_context(rundir.claim(sweep_dir))
+    except ConfigError:
+        raise ConfigError(f"{sweep_dir} is in use by another sweep: wait for it to end, or choose another "
+                          f"hydra.sweep.dir") from None
 
 
 def _composed(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
@@ -294,9 +393,11 @@ def measure_main(argv: list[str] | None = None) -> None:
 
     try:
         result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
-                                          rho=args.rho, num_samples=args.num_samples, device=args.device)
+                                    rho=args.rho, num_samples=args.num_samples, device=args.device)
     except SamRunnerError as error:
         _fail(error, "sam-measure")
+    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
+        _fail_unforeseen(error, "sam-measure")
     for name, value in result.items():
         print(f"{name:>16s}  {value:.6g}")
 
@@ -327,11 +428,9 @@ def landscape_main(argv: list[str] | None = None) -> None:
         parser.error(f"--interpolate takes exactly two runs, RUN_A RUN_B (got {len(args.runs)})")
     if args.bn_stats and not args.interpolate:
         parser.error("--bn-stats applies only with --interpolate (a direction leaves BatchNorm statistics as trained)")
-    import warnings
-
     from sam_runner.report import landscape
 
-    warnings.formatwarning = lambda message, *_: f"sam-landscape: warning: {message}\n"
+    _warnings_in_one_line("sam-landscape")
     given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
     options = {"seed": args.seed, "num_samples": args.num_samples, "device": args.device,
                **{key: value for key, value in given.items() if value is not None}}
@@ -342,6 +441,8 @@ def landscape_main(argv: list[str] | None = None) -> None:
             paths = landscape.directions(args.runs, args.out, **options)
     except SamRunnerError as error:
         _fail(error, "sam-landscape")
+    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
+        _fail_unforeseen(error, "sam-landscape")
     for path in paths:
         print(path)
 
@@ -358,6 +459,7 @@ def report_main(argv: list[str] | None = None) -> None:
     from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
     from sam_runner.report.writer import write_report
 
+    _warnings_in_one_line("sam-report")  # e.g. a flatness picture skipped over a corrupt checkpoint
     try:
         report = write_report(args.paths, args.out, pictures=not args.no_pictures)
     except SamRunnerError as error:
@@ -366,5 +468,7 @@ def report_main(argv: list[str] | None = None) -> None:
         for problem in error.problems:
             print(f"sam-report: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except Exception as error:  # a plug-in that raises while a picture is drawn, a full disk: one line
+        _fail_unforeseen(error, "sam-report")
     print(report.markdown)
     print("wrote:", *(f"  {path}" for path in report.files), sep="\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import textwrap
 import warnings
 from collections.abc import Callable, Sequence
@@ -57,6 +58,7 @@ def directions(run_dirs: Sequence[Path], out_dir: Path | None = None, *, seed: i
     """L(w + t d) for each run, d its own filter-normalized direction drawn with `seed`; returns the PNG and CSV."""
     ts = _grid(span, points)
     _check_num_samples(num_samples)
+    out = _out_dir(run_dirs[0], out_dir)
     labels, caption = run_labels(run_dirs)
     rows: list[dict[str, Any]] = []
     for run_dir, label in zip(run_dirs, labels):
@@ -70,7 +72,6 @@ def directions(run_dirs: Sequence[Path], out_dir: Path | None = None, *, seed: i
         curve = _sweep(run.model, ts, shifted, _streams(run, num_samples, seed), desc=label)
         rows += [{"run": str(run_dir), "label": label, "t": t, **point} for t, point in zip(ts, curve)]
         del run  # one run's data and model in memory at a time
-    out = _out_dir(run_dirs[0], out_dir)
     title = f"Loss along a filter-normalized random direction (direction seed {seed})"
     return [_plot_directions(rows, f"{title}\n{caption}", out / "direction.png"),
             _write_curve_csv(rows, out / "direction.csv")]
@@ -89,6 +90,7 @@ def interpolation(run_a: Path, run_b: Path, out_dir: Path | None = None, *, span
         raise LandscapeError(f"bn_stats must be one of {', '.join(BN_STATS)} (got {bn_stats!r})")
     alphas = _grid(span, points)
     _check_num_samples(num_samples)
+    out = _out_dir(run_a, out_dir)
     a = _load(run_a, device)
     b = _load(run_b, device)
     _check_same_network(a, b)
@@ -110,8 +112,8 @@ def interpolation(run_a: Path, run_b: Path, out_dir: Path | None = None, *, span
     if batchnorm_layers(a.model):
         caption = f"BatchNorm statistics: {bn_stats}; {caption}"
     title = f"Linear path from A ({label_a}) to B ({label_b})\n{caption}"
-    out = _out_dir(run_a, out_dir)
-    return [_plot_interpolation(rows, title, out / "interpolation.png"), _write_curve_csv(rows, out / "interpolation.csv")]
+    return [_plot_interpolation(rows, title, out / "interpolation.png"),
+            _write_curve_csv(rows, out / "interpolation.csv")]
 
 
 # --- directions, BatchNorm and evaluation -----------------------------------------------------------------
@@ -250,10 +252,24 @@ def _check_same_network(a: SavedRun, b: SavedRun) -> None:
         raise LandscapeError(f"cannot interpolate between different networks: {a.run_dir} is "
                              f"{_describe_network(a)}, {b.run_dir} is {_describe_network(b)}; pass two runs of "
                              f"the same model and dataset")
+    if _dataset_of(a) != _dataset_of(b):
+        raise LandscapeError(f"cannot interpolate between runs on different data: {a.run_dir} trained on "
+                             f"{_dataset_of(a)}, {b.run_dir} on {_dataset_of(b)}; pass two runs of the same model "
+                             f"and dataset")
     if a.settings.seed != b.settings.seed:
         warnings.warn(f"{a.run_dir} has seed {a.settings.seed} and {b.run_dir} seed {b.settings.seed}: they did not "
                       f"start from the same initial weights, so the path between them is not Keskar's",
                       stacklevel=3)
+
+
+LOCATION_KEYS = ("root", "cache_dir", "download")  # where a dataset source reads its files, not what it reads
+
+
+def _dataset_of(run: SavedRun) -> dict[str, Any]:
+    """The run's dataset config, less where its files lie (the same data may sit in two folders)."""
+    dataset = OmegaConf.to_container(run.spec.dataset, resolve=True)
+    dataset["source"] = {key: value for key, value in dataset["source"].items() if key not in LOCATION_KEYS}
+    return dataset
 
 
 def run_labels(run_dirs: Sequence[Path]) -> tuple[list[str], str]:
@@ -276,17 +292,36 @@ def _format(value: Any) -> str:
 # --- files ------------------------------------------------------------------------------------------------
 
 def _out_dir(first_run: Path, out_dir: Path | None) -> Path:
+    """Where the pictures go (`--out`, else FIRST_RUN/landscape), checked before minutes of evaluation are spent;
+    created only when there is something to write."""
     out = Path(out_dir) if out_dir is not None else Path(first_run) / "landscape"
-    out.mkdir(parents=True, exist_ok=True)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise LandscapeError(f"cannot write the pictures under {out}: {existing} {problem}; choose another --out")
     return out
 
 
-def _write_curve_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def _written(path: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(path)` into the output folder, made first; a file system's refusal becomes one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as error:
+        raise LandscapeError(f"cannot write {path}: {error.strerror or error}; choose another --out") from None
     return path
+
+
+def _write_curve_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    def write(target: Path) -> None:
+        with target.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return _written(path, write)
 
 
 def _wrap(title: str) -> str:
@@ -327,8 +362,7 @@ def _plot_directions(rows: list[dict[str, Any]], title: str, path: Path) -> Path
     axes.set_title(_wrap(title), fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(handles=handles, fontsize=8)
-    figure.savefig(path, dpi=150)
-    return path
+    return _written(path, lambda target: figure.savefig(target, dpi=150))
 
 
 def _plot_interpolation(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
@@ -352,5 +386,4 @@ def _plot_interpolation(rows: list[dict[str, Any]], title: str, path: Path) -> P
     accuracy_axes.set_ylim(0, 100)
     loss_axes.set_title(_wrap(title), fontsize=10, pad=16)
     figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=4)
-    figure.savefig(path, dpi=150)
-    return path
+    return _written(path, lambda target: figure.savefig(target, dpi=150))

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sam_runner.errors import SamRunnerError
 from sam_runner.report import plots as report_plots
 from sam_runner.report.runs import (
     OUTCOME_KEYS,
@@ -137,15 +139,23 @@ def _flatness_section(runs: list[Run], out_dir: Path) -> tuple[list[str], list[P
     if pair is None:
         return [], []
     small, large = pair
-    written = [*landscape.interpolation(small.path, large.path, out_dir),
-               *landscape.directions([small.path, large.path], out_dir)]
+    drawings = {"interpolation": lambda: landscape.interpolation(small.path, large.path, out_dir),
+                "direction": lambda: landscape.directions([small.path, large.path], out_dir)}
+    written, skipped = [], []
+    for name, draw in drawings.items():
+        try:
+            written += draw()
+        except SamRunnerError as error:  # a corrupt checkpoint costs this picture, not the report
+            skipped.append(f"The {name} picture was skipped: {error}")
+            warnings.warn(skipped[-1], RuntimeWarning, stacklevel=2)
     pictures = [path for path in written if path.suffix == ".png"]
     lines = ["### Pictures of flatness", "",
              f"Runs `{small.name}` (batch {small.get('batch_size')}, α = 0) and `{large.name}` "
              f"(batch {large.get('batch_size')}, α = 1), {optimizer_label(small.summary, with_rho=True)}, seed "
              f"{small.get('seed')}: Keskar's interpolation w(α) = α·w_large + (1 − α)·w_small, and the loss along one "
              "filter-normalized random direction (docs/landscape.md).", "",
-             *(f"![{path.stem}]({path.relative_to(out_dir.parent).as_posix()})" for path in pictures), ""]
+             *(f"![{path.stem}]({path.relative_to(out_dir.parent).as_posix()})" for path in pictures),
+             *(f"- {note}" for note in skipped), ""]
     return lines, written
 
 

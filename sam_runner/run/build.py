@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from sam_runner.data import BatchStream, infer_num_classes, materialize, seeded_subset
+from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
 from sam_runner.optim import SAM
 from sam_runner.run.logbook import Logbook, Stopwatch
@@ -86,6 +86,7 @@ def build_data(spec: RunSpec, device: torch.device) -> Data:
     if len(y_train) == 0 or len(y_test) == 0:
         raise DataError(f"dataset {dataset.name}: the training or test set is empty")
     num_classes = dataset.num_classes or infer_num_classes(y_train)
+    check_labels(num_classes, y_train, y_test)
     (x_train, y_train), held_out = split_validation(x_train, y_train, dataset.get("val_fraction") or 0.0,
                                                     dataset.get("val_seed") or 0)
     common = {"device": device, "normalize": dataset.normalize, "seed": settings.seed}

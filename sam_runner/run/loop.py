@@ -50,8 +50,10 @@ def fit(run: Training, summary: dict[str, Any], progress: Progress) -> None:
                 seen = train_epoch(run, progress, summary)
             train_time = clock.total("train") - progress.epoch_train_start_s
             step = progress.step
+            # the samples the epoch trained on: its last batch is partial, and a batch may exceed the data set
+            trained = min(plan.batches_in(epoch) * run.settings.batch_size, run.data.train.num_samples)
             metrics = {**seen, "opt/lr": run.scheduler.get_last_lr()[0], "opt/epoch_time_s": train_time,
-                       "opt/images_per_s": plan.batches_in(epoch) * run.settings.batch_size / train_time}
+                       "opt/images_per_s": trained / train_time}
             summary.update(epochs_completed=epoch + 1, steps_completed=step)
             diverged = not math.isfinite(seen["train/loss_seen"])
             ending = plan.is_last(epoch) or diverged

@@ -10,6 +10,7 @@ Everything here raises `ConfigError` with one line that names the key, the bad v
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Optional
@@ -179,8 +180,9 @@ def validate(cfg: DictConfig) -> Settings:
     _require(top.epochs > 0, f"epochs must be > 0 (got {top.epochs})")
     _require(top.lr_reference_batch_size > 0,
              f"lr_reference_batch_size must be > 0 samples (got {top.lr_reference_batch_size})")
-    _require(top.budget != "steps" or (top.steps is not None and top.steps > 0),
-             f"budget=steps needs steps > 0 optimizer updates (got steps={top.steps}): e.g. steps=2000")
+    _require(top.budget != "steps" or top.steps is not None,
+             "budget=steps needs steps > 0 optimizer updates (got steps=null): e.g. steps=2000")
+    _require(top.steps is None or top.steps > 0, f"steps must be > 0 optimizer updates or null (got {top.steps})")
     _require(top.stop.train_acc is None or 0 < top.stop.train_acc <= 1,
              f"stop.train_acc must be a fraction in (0, 1] or null (got {top.stop.train_acc})")
     _require(top.stop.train_loss is None or top.stop.train_loss > 0,
@@ -189,9 +191,6 @@ def validate(cfg: DictConfig) -> Settings:
     _require(top.checkpoint.every > 0, f"checkpoint.every must be >= 1 epoch (got {top.checkpoint.every})")
     _require(top.checkpoint.every_steps is None or top.checkpoint.every_steps > 0,
              f"checkpoint.every_steps must be >= 1 optimizer step or null (got {top.checkpoint.every_steps})")
-    val_fraction = cfg.get("dataset", {}).get("val_fraction") or 0.0
-    _require(isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1,
-             f"dataset.val_fraction must be in [0, 1) (got {val_fraction}): the share of the training set held out")
     _require(0 <= top.label_smoothing < 1, f"label_smoothing must be in [0, 1) (got {top.label_smoothing})")
     _require(top.max_grad_norm is None or top.max_grad_norm > 0,
              f"max_grad_norm must be > 0 or null (got {top.max_grad_norm})")
@@ -207,7 +206,54 @@ def validate(cfg: DictConfig) -> Settings:
     sharpness_measures(top.sharpness.measures)
     sharpness_options(top.sharpness.options)
     _validate_optimizer(cfg, top)
+    _validate_dataset(cfg)
+    for where in PLUGIN_TARGETS:
+        locate_target(cfg, where)
     return top
+
+
+# The `_target_` nodes a run calls: each must name something importable before any directory is made.
+PLUGIN_TARGETS = ("dataset.source", "model", "optimizer.base.build", "scheduler")
+
+
+def locate_target(cfg: DictConfig, where: str) -> Any:
+    """What the `_target_` of node `where` names (importing its module), or a ConfigError saying why not."""
+    from hydra._internal.utils import _locate  # what instantiate uses, without get_object's error logging
+
+    path = str(OmegaConf.select(cfg, f"{where}._target_"))
+    try:
+        return _locate(path)
+    except (ImportError, ValueError) as error:  # ValueError: a relative path (`.x`, `a..b`)
+        reason = str(error).splitlines()[1] if len(str(error).splitlines()) > 1 else str(error)
+        raise ConfigError(f"{where}._target_: cannot import {path} ({reason}): check the dotted path and that its "
+                          f"module is importable") from None
+
+
+def _validate_dataset(cfg: DictConfig) -> None:
+    """What can be checked of `dataset` without its data: sizes, augmentation, normalization, classes."""
+    from sam_runner.data import SOURCE_CHECKS, check_augment, check_normalize  # loads torch: imported late
+
+    dataset = cfg.get("dataset") or {}
+    val_fraction = dataset.get("val_fraction") or 0.0
+    _require(isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1,
+             f"dataset.val_fraction must be in [0, 1) (got {val_fraction}): the share of the training set held out")
+    num_classes = dataset.get("num_classes")
+    _require(num_classes is None or (isinstance(num_classes, int) and num_classes > 0),
+             f"dataset.num_classes must be a positive number of classes or null (inferred from the labels); "
+             f"got {num_classes}")
+    check_augment(dataset.get("augment") or {})
+    if dataset.get("normalize"):
+        check_normalize(dataset.normalize)
+    source = locate_target(cfg, "dataset.source")
+    if source in SOURCE_CHECKS:
+        arguments = OmegaConf.to_container(dataset.source, resolve=True)
+        arguments.pop("_target_")
+        try:
+            bound = inspect.signature(source).bind_partial(**arguments)
+        except TypeError as error:
+            raise ConfigError(f"dataset.source ({dataset.source._target_}): {error}") from None
+        bound.apply_defaults()
+        SOURCE_CHECKS[source](**bound.arguments)
 
 
 def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
