@@ -38,24 +38,20 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
     Under torchrun every process runs this; rank 0 decides what the run directory holds and writes it (ranks.py).
     """
     spec = make_spec(cfg, choices)
-    hparams = HyperParameters.of(spec).record()
     if spec.sam is None and plain_rho is not None and float(plain_rho) != spec.settings.rho:
-        return _skip_duplicate(run_dir, hparams, plain_rho)
+        return _skip_duplicate(run_dir, HyperParameters.of(spec).record(), plain_rho)
     with ranks.team(spec.device) as team, team.claimed(run_dir), stopping.stop_requests() as stop:
-        hparams.update(distributed.describe_world(team.world, sam_mode=spec.settings.ddp.sam_mode,
-                                                  sync_batchnorm=spec.settings.ddp.sync_batchnorm,
-                                                  is_sam=spec.sam is not None))
         prior = team.by_main(resume.inspect, run_dir, spec.config, resume=spec.settings.resume)
         if prior.ended:
             log.info("%s has %s already: not trained again (add resume=false to train it from scratch)", run_dir,
                      prior.summary["status"])
             return prior.summary
         state = resume.own_share(prior.checkpoint, team.world) if prior.checkpoint else None
-        return _train(spec, team, hparams, run_dir, state, stop)
+        return _train(spec, team, run_dir, state, stop)
 
 
-def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, state: dict[str, Any] | None,
-           stop: stopping.StopRequests) -> dict[str, Any]:
+def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests
+           ) -> dict[str, Any]:
     """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended. Nothing is
     written before the run is built and restored: a refusal leaves the run directory as it was."""
     device = team.device
@@ -63,6 +59,10 @@ def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, st
     # Whatever can refuse (the build, a checkpoint that does not fit the model) refuses before a record changes.
     run = build_run(spec, team, clock, stop)
     progress = resume.restore(run, state) if state else Progress()
+    ddp = spec.settings.ddp
+    hparams = {**HyperParameters.of(spec, steps_budget=run.plan.total_steps).record(),
+               **distributed.describe_world(team.world, sam_mode=ddp.sam_mode, sync_batchnorm=ddp.sync_batchnorm,
+                                            is_sam=spec.sam is not None)}
     team.by_main(write_run_info, run_dir, sys.argv, spec.config, device,
                  resumed_at_step=progress.step if state else None)
     run.logbook = logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
@@ -75,7 +75,7 @@ def _train(spec: RunSpec, team: Team, hparams: dict[str, Any], run_dir: Path, st
             log.info("continuing %s from epoch %d, batch %d (step %d)", run_dir, progress.epoch + 1, progress.batch,
                      progress.step)
         else:
-            summary.update(steps_budget=run.plan.total_steps, target_reached=False if run.plan.has_target else None)
+            summary.update(target_reached=False if run.plan.has_target else None)
         logbook.write_summary(summary)
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch | %s -> %s", hparams["dataset"],
                  hparams["model"], _optimizer_label(hparams), device, spec.precision,

@@ -3,74 +3,79 @@ runs.csv and every grouping of `sam-report` read (a new hyper-parameter is one f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
+
+from omegaconf import DictConfig
 
 from sam_runner.run.plan import effective_lr, protocol_name
 from sam_runner.run.spec import RunSpec, target_name
 
 
-def _sam_only() -> Any:
-    return field(default=None, metadata={"sam_only": True})
+def _setting() -> Any:
+    """The top-level key of the same name, as the run's Settings hold it."""
+    return field(default=None)
+
+
+def _derived(derive: Callable[[RunSpec], Any], *, sam_only: bool = False) -> Any:
+    """A value derived from the spec; `sam_only`: null for plain optimizers, and compared among SAM runs only."""
+    return field(default=None, metadata={"derive": derive, "sam_only": sam_only})
+
+
+def _sam(value: Callable[[DictConfig], Any]) -> Any:
+    """A value of the optimizer's `sam` node; null for a plain optimizer."""
+    return _derived(lambda spec: value(spec.sam) if spec.sam is not None else None, sam_only=True)
+
+
+def _asam(value: Callable[[DictConfig], Any]) -> Any:
+    """A value of ASAM's (`sam.adaptive`); null for SAM and for a plain optimizer."""
+    return _derived(lambda spec: value(spec.sam) if spec.sam is not None and spec.sam.adaptive else None,
+                    sam_only=True)
 
 
 @dataclass(frozen=True)
 class HyperParameters:
     """The flat hyper-parameters summary.json carries, in the order reports list them. A report groups runs that
-    agree on all of them but `seed`; one field here is one hyper-parameter in summary.json, runs.csv and every
-    grouping. Fields marked `sam_only` are null for plain optimizers (rho too)."""
+    agree on all of them but `seed`. One field here is one hyper-parameter in summary.json, runs.csv and every
+    grouping: `_setting()` for a top-level key as configured, `_derived(...)` for a value computed from the spec."""
 
-    protocol: str
-    dataset: str
-    model: str
-    optimizer: str
-    base_optimizer: str
-    rho: Optional[float]
-    adaptive: Optional[bool] = _sam_only()
-    eta: Optional[float] = _sam_only()
-    adaptive_params: Optional[str] = _sam_only()
-    micro_batch_size: Optional[int] = _sam_only()
-    weight_decay: float = 0.0
-    weight_decay_in_perturbation: Optional[bool] = _sam_only()
-    lr: float = 0.0  # the peak lr trained with (lr_base scaled by lr_scaling)
-    lr_base: float = 0.0
-    lr_scaling: str = "none"
-    lr_reference_batch_size: int = 0
-    batch_size: int = 0
-    budget: str = "epochs"
-    epochs: Optional[int] = None  # budget=epochs
-    steps_budget: Optional[int] = None  # optimizer updates the run trains: known once its data is built
-    stop_train_acc: Optional[float] = None
-    stop_train_loss: Optional[float] = None
-    scheduler: str = ""
-    label_smoothing: float = 0.0
-    max_grad_norm: Optional[float] = None
-    val_fraction: float = 0.0
-    precision: str = ""
-    device: str = ""
-    seed: int = 0
+    protocol: str = _derived(lambda spec: protocol_name(spec.settings))
+    dataset: str = _derived(lambda spec: spec.dataset.name)
+    model: str = _derived(lambda spec: spec.choices.get("model", target_name(spec.model)))
+    optimizer: str = _derived(lambda spec: spec.optimizer.name)
+    base_optimizer: str = _derived(lambda spec: spec.optimizer.base.name)
+    rho: Optional[float] = _derived(lambda spec: spec.settings.rho if spec.sam is not None else None)
+    adaptive: Optional[bool] = _sam(lambda sam: bool(sam.adaptive))
+    eta: Optional[float] = _asam(lambda sam: sam.eta)
+    adaptive_params: Optional[str] = _asam(lambda sam: sam.get("adaptive_params", "all"))
+    micro_batch_size: Optional[int] = _sam(lambda sam: sam.micro_batch_size)
+    weight_decay: float = _derived(lambda spec: spec.optimizer.base.build.get("weight_decay", 0.0))
+    weight_decay_in_perturbation: Optional[bool] = _sam(lambda sam: bool(sam.perturb_weight_decay))
+    lr: float = _derived(lambda spec: effective_lr(spec.settings))  # the peak lr trained with: lr_base scaled
+    lr_base: float = _derived(lambda spec: spec.settings.lr)
+    lr_scaling: str = _setting()
+    lr_reference_batch_size: int = _setting()
+    batch_size: int = _setting()
+    budget: str = _setting()
+    epochs: Optional[int] = _derived(lambda spec: spec.settings.epochs if spec.settings.budget == "epochs" else None)
+    steps_budget: Optional[int] = _derived(lambda spec: None)  # optimizer updates: known once the data is built
+    stop_train_acc: Optional[float] = _derived(lambda spec: spec.settings.stop.train_acc)
+    stop_train_loss: Optional[float] = _derived(lambda spec: spec.settings.stop.train_loss)
+    scheduler: str = _derived(lambda spec: spec.choices.get("scheduler", target_name(spec.scheduler)))
+    label_smoothing: float = _setting()
+    max_grad_norm: Optional[float] = _setting()
+    val_fraction: float = _derived(lambda spec: spec.dataset.get("val_fraction") or 0.0)
+    precision: str = _derived(lambda spec: spec.precision)  # resolved: fp32, bf16 or fp16
+    device: str = _derived(lambda spec: spec.device.type)  # resolved: cpu or cuda
+    seed: int = _setting()
 
     @classmethod
-    def of(cls, spec: RunSpec, steps_budget: int | None = None) -> HyperParameters:
-        settings, sam = spec.settings, spec.sam
-        adaptive = sam is not None and bool(sam.adaptive)
-        return cls(
-            protocol=protocol_name(settings), dataset=spec.dataset.name,
-            model=spec.choices.get("model", target_name(spec.model)), optimizer=spec.optimizer.name,
-            base_optimizer=spec.optimizer.base.name, rho=settings.rho if sam is not None else None,
-            adaptive=adaptive if sam is not None else None, eta=sam.eta if adaptive else None,
-            adaptive_params=sam.get("adaptive_params", "all") if adaptive else None,
-            micro_batch_size=sam.micro_batch_size if sam is not None else None,
-            weight_decay=spec.optimizer.base.build.get("weight_decay", 0.0),
-            weight_decay_in_perturbation=bool(sam.perturb_weight_decay) if sam is not None else None,
-            lr=effective_lr(settings), lr_base=settings.lr, lr_scaling=settings.lr_scaling,
-            lr_reference_batch_size=settings.lr_reference_batch_size, batch_size=settings.batch_size,
-            budget=settings.budget, epochs=settings.epochs if settings.budget == "epochs" else None,
-            steps_budget=steps_budget, stop_train_acc=settings.stop.train_acc,
-            stop_train_loss=settings.stop.train_loss, scheduler=spec.choices.get("scheduler", target_name(spec.scheduler)),
-            label_smoothing=settings.label_smoothing, max_grad_norm=settings.max_grad_norm,
-            val_fraction=spec.dataset.get("val_fraction") or 0.0, precision=spec.precision, device=spec.device.type,
-            seed=settings.seed)
+    def of(cls, spec: RunSpec, **known: Any) -> HyperParameters:
+        """The run's values; `known` gives those its spec cannot tell (steps_budget, once the data is built)."""
+        values = {item.name: item.metadata["derive"](spec) if "derive" in item.metadata
+                  else getattr(spec.settings, item.name) for item in fields(cls)}
+        return cls(**{**values, **known})
 
     def record(self) -> dict[str, Any]:
         """summary.json's flat keys."""

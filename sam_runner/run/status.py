@@ -6,8 +6,8 @@ from enum import Enum
 
 
 class Status(str, Enum):
-    """A run's status, in the order reports count them. Summaries hold its value, a plain string (checkpoints carry the summary, and torch's
-    weights-only loading knows no enum); a member equals its value."""
+    """A run's status, in the order reports count them. Summaries hold its value, a plain string (checkpoints
+    carry the summary, and torch's weights-only loading knows no enum); a member equals its value."""
 
     COMPLETED = "completed"  # trained its budget (or reached its target) and took its final measurements
     RUNNING = "running"  # training, or killed without a chance to say otherwise (kill -9, power loss)
