@@ -1,4 +1,4 @@
-"""Errors that the command line turns into one clear line and a non-zero exit (see cli.py)."""
+"""Errors that the command line turns into one clear line and a non-zero exit (see cli/messages.py)."""
 
 import errno
 
@@ -17,6 +17,15 @@ class DataError(SamRunnerError):
 
 class CheckpointError(SamRunnerError):
     """A checkpoint is missing, corrupt or does not match the run it is loaded into."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line: its lines joined, without the diagnostics OmegaConf and Hydra append
+    (`full_key: ...`, `object_type=...`); the key an OmegaConf error names goes in front instead."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("full_key", "object_type", "reference_type", "Set the env"))]
+    key = getattr(error, "full_key", None)
+    return f"{key}: {'; '.join(kept)}" if key else "; ".join(kept)
 
 
 def describe_unforeseen(error: BaseException) -> str:

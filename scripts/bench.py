@@ -40,7 +40,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sam_runner.cli.run import CONFIG_DIR
+from sam_runner.cli.preflight import CONFIG_DIR
 from sam_runner.optim import SAM
 from sam_runner.run import checkpoint, loop, measurement, resume
 from sam_runner.run.build import Training, build_optimizer, build_run, compile_model

@@ -219,7 +219,7 @@ def test_a_clash_hidden_in_one_combination_of_a_large_sweep_stops_it_before_any_
                      "seed=range(30)", cwd=workdir)
     assert result.returncode == 2 and "micro_batch_size must be null or in [1, batch_size=16] (got 64)" in result.stderr
     assert not (workdir / "outputs").exists()
-    from sam_runner.cli.run import hydra_arguments, preflight
+    from sam_runner.cli.preflight import hydra_arguments, preflight
     from sam_runner.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown key 'optimizer.sam.etaa'"):  # each job's config stays strict
@@ -251,13 +251,13 @@ def test_the_slurm_launcher_without_slurm_is_one_line(workdir: Path) -> None:
     ["model=custom", "model._target_=sam_runner.models.mlp,sam_runner.models.cnn1d"],  # _target_ needs model=custom
 ])
 def test_valid_sweeps_whose_values_need_each_other_pass_the_preflight(argv: list[str]) -> None:
-    from sam_runner.cli.run import hydra_arguments, preflight
+    from sam_runner.cli.preflight import hydra_arguments, preflight
 
     preflight(hydra_arguments(["-m", *argv]))
 
 
 def test_the_preflight_builds_jobs_as_hydras_basic_sweeper_does() -> None:
-    from sam_runner.cli.run import _jobs, _split_overrides
+    from sam_runner.cli.preflight import _jobs, _split_overrides
 
     fixed, by_key = _split_overrides(["batch_size=16,256", "seed=0", "rho=interval(0.01,0.5)", "+x=1", "seed=3"])
     assert fixed == ["seed=0", "+x=1", "seed=3"]
@@ -365,7 +365,7 @@ def test_image_model_with_batchnorm_and_augmentation_trains_under_sam(workdir: P
 
 
 def test_sweep_job_directories_stay_short_and_distinct_however_many_overrides() -> None:
-    from sam_runner.cli.run import JOB_NAME_LIMIT, job_dirname
+    from sam_runner.cli.preflight import JOB_NAME_LIMIT, job_dirname
 
     assert job_dirname("optimizer/base=adamw,rho=0.1") == "optimizer-base=adamw,rho=0.1"
     long = ",".join(f"key{i}.sub=value{i}" for i in range(30))

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from sam_runner import sharpness
-from sam_runner.cli.run import CONFIG_DIR
+from sam_runner.cli.preflight import CONFIG_DIR
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
 from sam_runner.run.build import batch_sizes, build_data, compile_model

@@ -15,7 +15,7 @@ from conftest import TINY, read_json, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from sam_runner.cli.run import CONFIG_DIR
+from sam_runner.cli.preflight import CONFIG_DIR
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
 from sam_runner.run.build import build_model, build_optimizer, build_scheduler
@@ -104,7 +104,7 @@ def test_launcher_presets_compose(name: str) -> None:
 
 
 def test_a_launcher_hydra_cannot_find_is_one_line_before_anything_runs() -> None:
-    from sam_runner.cli.run import _check_launcher_found
+    from sam_runner.cli.preflight import _check_launcher_found
 
     with pytest.raises(ConfigError, match="Hydra finds no launcher hydra_plugins.sam_runner_launcher.Gone: install "
                                           "sam-runner without -e"):
@@ -149,7 +149,7 @@ def test_a_non_editable_install_ships_every_config(tmp_path: Path) -> None:
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                               "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
-    probe = subprocess.run([sys.executable, "-c", "from sam_runner.cli.run import CONFIG_DIR; print(CONFIG_DIR)"],
+    probe = subprocess.run([sys.executable, "-c", "from sam_runner.cli.preflight import CONFIG_DIR; print(CONFIG_DIR)"],
                            cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}, capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
     installed = Path(probe.stdout.strip())

@@ -12,7 +12,8 @@ import torch
 from conftest import TINY, read_json, run_cli
 from hydra import compose, initialize_config_dir
 
-from sam_runner.cli.run import CONFIG_DIR, objective
+from sam_runner.cli.preflight import CONFIG_DIR
+from sam_runner.cli.run import objective
 from sam_runner.errors import ConfigError
 from sam_runner.run.build import build_data
 from sam_runner.run.plan import at_chance, make_plan, protocol_name, scaled_lr

@@ -316,7 +316,7 @@ def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_me
     """In process: the measurement is where the end of a run spends its time, so a kill lands there often."""
     from hydra import compose, initialize_config_dir
 
-    from sam_runner.cli.run import CONFIG_DIR
+    from sam_runner.cli.preflight import CONFIG_DIR
     from sam_runner.run import experiment, loop
 
     monkeypatch.chdir(tmp_path)

@@ -47,7 +47,7 @@ def composed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[st
     """The config `sam-run OVERRIDES` runs, for a run in process in `tmp_path` (the working directory)."""
     from hydra import compose, initialize_config_dir
 
-    from sam_runner.cli.run import CONFIG_DIR
+    from sam_runner.cli.preflight import CONFIG_DIR
 
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

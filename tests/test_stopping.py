@@ -121,7 +121,7 @@ def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resum
     is continued: the continued run keeps that measurement beside its own."""
     from hydra import compose, initialize_config_dir
 
-    from sam_runner.cli.run import CONFIG_DIR
+    from sam_runner.cli.preflight import CONFIG_DIR
     from sam_runner.run import experiment, loop, rundir
 
     monkeypatch.chdir(workdir)

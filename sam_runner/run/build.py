@@ -1,7 +1,7 @@
 """Config nodes -> plain objects (device, data, model, optimizer, scheduler).
 
-The only module besides cli.py that reads group configs; everything it returns knows nothing of Hydra.
-User plug-ins arrive here as `_target_`s: errors locating or calling them become one-line messages.
+The only reader of group configs besides the pre-flight (cli/preflight.py); everything it returns knows nothing of
+Hydra. User plug-ins arrive here as `_target_`s: errors locating or calling them become one-line messages.
 """
 
 from __future__ import annotations

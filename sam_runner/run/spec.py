@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sam_runner.errors import ConfigError
+from sam_runner.errors import ConfigError, one_line
 
 if TYPE_CHECKING:  # torch is imported when a spec is made, not for the pre-flight's `validate`
     import torch
@@ -97,13 +97,6 @@ class Settings:
 FINITE_KEYS = ("rho", "lr", "label_smoothing", "max_grad_norm", "sharpness.rho", "stop.train_acc", "stop.train_loss")
 
 
-def _one_line(error: OmegaConfBaseException) -> str:
-    """OmegaConf errors carry `full_key`/`object_type` lines; keep the first line and name the key."""
-    message = str(error).splitlines()[0].strip()
-    key = getattr(error, "full_key", None)
-    return f"{key}: {message}" if key else message
-
-
 def _resolved(cfg: DictConfig, key: str) -> Any:
     """A top-level value with its interpolations (e.g. `rho: ${optimizer.default_rho}`) resolved in `cfg`."""
     value = cfg[key]
@@ -117,7 +110,7 @@ def _typed(cfg: DictConfig) -> Settings:
         values = {name: _resolved(cfg, name) for name in names if name in cfg}
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Settings), values))
     except OmegaConfBaseException as error:
-        raise ConfigError(_one_line(error)) from None
+        raise ConfigError(one_line(error)) from None
 
 
 def _require(condition: bool, message: str) -> None:

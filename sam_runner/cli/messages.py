@@ -1,0 +1,36 @@
+"""How the command line says what went wrong: the exit codes and the one-line messages every entry point prints.
+
+Code raises `SamRunnerError`s where it detects a problem; the entry points (cli/run.py, cli/tools.py) turn them,
+and whatever no check foresaw, into these lines."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sam_runner.errors import describe_unforeseen
+
+# Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
+# job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 75 pre-empted (SIGTERM,
+# SIGUSR1, SIGUSR2: checkpointed, re-run to continue); 130 interrupted (Ctrl-C).
+EXIT_NOT_COMPLETED = 1
+EXIT_USAGE = 2
+
+
+def fail(error: Exception | str, program: str = "sam-run", code: int = EXIT_USAGE) -> None:
+    print(f"{program}: error: {error}", file=sys.stderr)
+    sys.exit(code)
+
+
+def fail_unforeseen(error: Exception, program: str) -> None:
+    """An error no check foresaw, in one line and exit 1; HYDRA_FULL_ERROR=1 (as for sam-run) re-raises it."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    fail(f"{describe_unforeseen(error)} (HYDRA_FULL_ERROR=1 shows where)", program, EXIT_NOT_COMPLETED)
+
+
+def warnings_in_one_line(program: str) -> None:
+    """Warnings as `program: warning: ...` lines, without Python's file and source line."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *_: f"{program}: warning: {message}\n"

@@ -1,0 +1,105 @@
+"""`sam-measure`, `sam-landscape`, `sam-report`: the tools that read run directories after the fact (report/)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sam_runner.cli.messages import EXIT_USAGE, fail, fail_unforeseen, warnings_in_one_line
+from sam_runner.errors import SamRunnerError
+
+
+def measure_main(argv: list[str] | None = None) -> None:
+    """`sam-measure RUN_DIR`: measure the sharpness of a saved checkpoint without retraining."""
+    parser = argparse.ArgumentParser(prog="sam-measure", description=measure_main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by sam-run (holds run.json and checkpoints/)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint to measure (default: RUN_DIR/checkpoints/last.pt)")
+    parser.add_argument("--measures", help="comma-separated measure names, or `auto` (default: the run's setting)")
+    parser.add_argument("--rho", type=float, help="sharpness radius (default: the run's sharpness.rho)")
+    parser.add_argument("--num-samples", type=int, help="training samples to measure on (default: the run's setting)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: the run's device)")
+    args = parser.parse_args(argv)
+    from sam_runner.report.remeasure import measure_checkpoint
+
+    try:
+        result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
+                                    rho=args.rho, num_samples=args.num_samples, device=args.device)
+    except SamRunnerError as error:
+        fail(error, "sam-measure")
+    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
+        fail_unforeseen(error, "sam-measure")
+    for name, value in result.items():
+        print(f"{name:>16s}  {value:.6g}")
+
+
+def landscape_main(argv: list[str] | None = None) -> None:
+    """`sam-landscape RUN [RUN...]` or `sam-landscape --interpolate RUN_A RUN_B`: pictures of flatness, PNG + CSV."""
+    parser = argparse.ArgumentParser(
+        prog="sam-landscape", description=landscape_main.__doc__,
+        epilog="Train and test loss along a filter-normalized random direction, one curve pair per run; or, with "
+               "--interpolate, loss and accuracy along w(alpha) = alpha*w_B + (1-alpha)*w_A. docs/landscape.md")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by sam-run")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="Keskar's parametric plot between exactly two runs of one network (same seed)")
+    parser.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="t along the direction (default -1 1), or alpha with --interpolate (default -1 2)")
+    parser.add_argument("--points", type=int, help="points along the line (default 41; 25 with --interpolate)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random direction and --num-samples' subset")
+    parser.add_argument("--num-samples", type=int,
+                        help="evaluate on a fixed, seeded subset of this many training and this many test samples "
+                             "(default: all)")
+    parser.add_argument("--bn-stats", choices=["recompute", "interpolate"],
+                        help="with --interpolate: BatchNorm running statistics recomputed at each alpha (default) "
+                             "or interpolated like the weights")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to evaluate (default: the run's device)")
+    parser.add_argument("--out", type=Path, help="output directory (default: FIRST_RUN/landscape)")
+    args = parser.parse_args(argv)
+    if args.interpolate and len(args.runs) != 2:
+        parser.error(f"--interpolate takes exactly two runs, RUN_A RUN_B (got {len(args.runs)})")
+    if args.bn_stats and not args.interpolate:
+        parser.error("--bn-stats applies only with --interpolate (a direction leaves BatchNorm statistics as trained)")
+    from sam_runner.report import landscape
+
+    warnings_in_one_line("sam-landscape")
+    given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
+    options = {"seed": args.seed, "num_samples": args.num_samples, "device": args.device,
+               **{key: value for key, value in given.items() if value is not None}}
+    try:
+        if args.interpolate:
+            paths = landscape.interpolation(*args.runs, args.out, **options)
+        else:
+            paths = landscape.directions(args.runs, args.out, **options)
+    except SamRunnerError as error:
+        fail(error, "sam-landscape")
+    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
+        fail_unforeseen(error, "sam-landscape")
+    for path in paths:
+        print(path)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """`sam-report PATH [PATH...]`: seeds aggregated, Kendall's τ and plots for every run under the paths."""
+    parser = argparse.ArgumentParser(prog="sam-report", description=report_main.__doc__)
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                        help="sweep or run directories written by sam-run (searched recursively for summary.json)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: <first PATH>/report)")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help="skip the flatness pictures of a small/large-batch pair (they read checkpoints)")
+    args = parser.parse_args(argv)
+    from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
+    from sam_runner.report.writer import write_report
+
+    warnings_in_one_line("sam-report")  # e.g. a flatness picture skipped over a corrupt checkpoint
+    try:
+        report = write_report(args.paths, args.out, pictures=not args.no_pictures)
+    except SamRunnerError as error:
+        if not isinstance(error, ReportError):
+            fail(error, "sam-report")
+        for problem in error.problems:
+            print(f"sam-report: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except Exception as error:  # a plug-in that raises while a picture is drawn, a full disk: one line
+        fail_unforeseen(error, "sam-report")
+    print(report.markdown)
+    print("wrote:", *(f"  {path}" for path in report.files), sep="\n")
