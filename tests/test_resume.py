@@ -323,19 +323,19 @@ def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_me
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=TINY)
     experiment.run_experiment(cfg, tmp_path / "reference")
-    measure = loop.measure
+    measure = loop.take_measurement
 
     def killed(*args: Any, **kwargs: Any) -> None:
         raise SystemExit(137)  # as `kill -9` mid-measurement: nothing of the run's own handling runs
 
-    monkeypatch.setattr(loop, "measure", killed)
+    monkeypatch.setattr(loop, "take_measurement", killed)
     with pytest.raises(SystemExit):
         experiment.run_experiment(cfg, tmp_path / "run")
     assert read_json(tmp_path / "run" / "summary.json")["status"] != "completed"
     assert [line["epoch"] for line in metric_lines(tmp_path / "run")] == [1], "the measured epoch is not logged yet"
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert (state["progress"]["epoch"], state["progress"]["batch"], state["epoch"]) == (1, 4, 2)
-    monkeypatch.setattr(loop, "measure", measure)
+    monkeypatch.setattr(loop, "take_measurement", measure)
     experiment.run_experiment(cfg, tmp_path / "run")
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 

@@ -127,15 +127,15 @@ def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resum
     monkeypatch.chdir(workdir)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=TINY)
-    measure = loop.measure
+    measure = loop.take_measurement
 
     def killed(*args: Any, **kwargs: Any) -> None:
         raise SystemExit(137)
 
-    monkeypatch.setattr(loop, "measure", killed)
+    monkeypatch.setattr(loop, "take_measurement", killed)
     with pytest.raises(SystemExit):
         experiment.run_experiment(cfg, workdir / "run")
-    monkeypatch.setattr(loop, "measure", measure)
+    monkeypatch.setattr(loop, "take_measurement", measure)
 
     with rundir.claim(workdir / "run"):  # as a sam-run training there holds it
         before = checksums(workdir / "run")

@@ -8,7 +8,7 @@ from sam_runner.errors import ConfigError
 from sam_runner.report import saved_run
 from sam_runner.run import rundir
 from sam_runner.run.checkpoint import write_json_atomic
-from sam_runner.run.measurement import add_measurement, measure, measures_for
+from sam_runner.run.measurement import add_measurement, measures_for, take_measurement
 
 
 def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, measures: str | None = None,
@@ -29,8 +29,8 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
         raise ConfigError("no sharpness measure selected (the run trained with sharpness.measures=[]): pass "
                           "--measures auto or a comma-separated list")
     with rundir.claim(run_dir, tidy=False):
-        record = measure(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
-                         step=run.state.get("step", 0), source="sam-measure")
+        record = take_measurement(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
+                                  step=run.state.get("step", 0), source="sam-measure")
         summary = rundir.read_summary(run_dir) or {}
         add_measurement(summary, record)
         write_json_atomic(summary, run_dir / rundir.SUMMARY)

@@ -22,7 +22,7 @@ from sam_runner.run.build import Training
 from sam_runner.run.checkpoint import save_atomic
 from sam_runner.run.evaluation import generalization
 from sam_runner.run.logbook import HPARAM_METRICS, SHOW_PROGRESS
-from sam_runner.run.measurement import add_measurement, measure
+from sam_runner.run.measurement import add_measurement, take_measurement
 from sam_runner.run.plan import RunPlan, at_chance
 from sam_runner.run.progress import Progress
 from sam_runner.run.status import Status
@@ -128,7 +128,7 @@ def _measure_unless_stopped(run: Training, epoch: int, step: int) -> dict[str, A
     collective per pass (the ranks' passes need not line up): a stop signal reaches every rank of a job."""
     try:
         with run.clock("sharpness"):
-            return measure(run.network, run.data.sharpness, run.measures, run.settings, epoch=epoch, step=step,
+            return take_measurement(run.network, run.data.sharpness, run.measures, run.settings, epoch=epoch, step=step,
                            source="sam-run", should_stop=lambda: run.stop.requested)
     except MeasurementStopped:
         raise run.stop.stopped(step) from None

@@ -46,9 +46,9 @@ def training_passes(epochs: float, num_train: int, *, sam: bool, every: int) -> 
     return epochs * num_train * (4 if sam else 2) / measurements
 
 
-def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], measures: sharpness.MeasureChoice,
-            settings: Settings, *, epoch: int, step: int, source: str,
-            should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+def take_measurement(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     measures: sharpness.MeasureChoice, settings: Settings, *, epoch: int, step: int, source: str,
+                     should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode).
 
     Returns a measurement record: the values with everything needed to compare them (radius, samples, every
