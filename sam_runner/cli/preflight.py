@@ -168,14 +168,15 @@ def _check_slurm_present(target: str) -> None:
                           "run the sweep from a SLURM login node, or try it here with hydra/launcher=slurm_local")
 
 
-def preflight(args: argparse.Namespace) -> None:
-    """Compose and validate every configuration the command will run, before Hydra launches anything.
+def preflight(args: argparse.Namespace) -> Path | None:
+    """Compose and validate every configuration the command will run, before Hydra launches anything. Returns the
+    command's output directory (the run's or the sweep's) as checked here; None when nothing will run.
 
     A sweep is checked job by job — each combination of its values, its preset's `hydra.sweeper.params`
     included — since values valid alone can clash (a micro-batch larger than a swept batch size).
     """
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg or args.config_path:
-        return  # nothing runs, or the user replaced the primary config (Hydra reports its own errors)
+        return None  # nothing runs, or the user replaced the primary config (Hydra reports its own errors)
     try:
         fixed, by_key = _split_overrides(args.overrides)
     except HydraException as error:
@@ -196,14 +197,23 @@ def preflight(args: argparse.Namespace) -> None:
         for cfg in [base] if jobs == [fixed] else _job_configs(args, base, jobs, search):
             validate(cfg)
             _check_data_dir(cfg)
-        _check_outputs(args, base)
-        if args.multirun and torchrun_env.launched_rank() == 0:  # under torchrun, rank 0 holds it for all
-            _claim_sweep_dir(base)
+        return _check_outputs(args, base)
 
 
-def _check_outputs(args: argparse.Namespace, cfg: DictConfig) -> None:
+def output_key(args: argparse.Namespace) -> str:
+    return "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+
+
+def pinned_output(args: argparse.Namespace, output: Path) -> str:
+    """The override that makes Hydra use `output`, the directory the pre-flight checked: Hydra composes the config
+    again and would resolve a name made from the clock (`${now:...}`, the default) a second later."""
+    quoted = str(output).replace("\\", "\\\\").replace("'", "\\'")
+    return f"{output_key(args)}='{quoted}'"
+
+
+def _check_outputs(args: argparse.Namespace, cfg: DictConfig) -> Path:
     """The output directory of the command's config `cfg`: usable, and (a single run) free to continue or start."""
-    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    key = output_key(args)
     output = str(OmegaConf.select(cfg, key) or "").strip()
     if not output:
         raise ConfigError(f"{key} is empty: name a directory for the run's outputs (e.g. {key}=outputs/mine)")
@@ -218,6 +228,7 @@ def _check_outputs(args: argparse.Namespace, cfg: DictConfig) -> None:
         task = OmegaConf.masked_copy(cfg, [name for name in cfg if name != "hydra"])
         resume.check_before_launch(Path(output), OmegaConf.to_container(task, resolve=True),
                                    resume=bool(cfg.resume))
+    return Path(output)
 
 
 def _check_data_dir(cfg: DictConfig) -> None:
@@ -227,24 +238,20 @@ def _check_data_dir(cfg: DictConfig) -> None:
                           f"choose another data_dir")
 
 
-# A sweep's directory is held (rundir's lock) from the pre-flight until the process ends: a second sweep into
-# it is refused before it runs anything, even between two of the first sweep's jobs.
-_held_sweep_dir = contextlib.ExitStack()
-
-
-def _claim_sweep_dir(cfg: DictConfig) -> None:
-    """Hold the sweep's directory, when its name is fixed: one named by the time (`${now:...}`, the default) may
-    resolve to another name when Hydra composes it again, and no other sweep can be running in it anyway."""
+@contextlib.contextmanager
+def held_sweep_dir(sweep_dir: Path) -> Iterator[None]:
+    """Hold a sweep's directory (rundir's lock) while it runs, so that a second sweep into it is refused before it
+    runs anything, even between two of the first sweep's jobs. Under torchrun rank 0 holds it for all."""
     from sam_runner.run import rundir
 
-    if "${now:" in OmegaConf.to_container(cfg.hydra.sweep)["dir"]:
-        return
-    sweep_dir = Path(str(cfg.hydra.sweep.dir))
-    try:
-        _held_sweep_dir.enter_context(rundir.claim(sweep_dir))
-    except ConfigError:
-        raise ConfigError(f"{sweep_dir} is in use by another sweep: wait for it to end, or choose another "
-                          f"hydra.sweep.dir") from None
+    with contextlib.ExitStack() as held:
+        if torchrun_env.launched_rank() == 0:
+            try:
+                held.enter_context(rundir.claim(sweep_dir))
+            except ConfigError:
+                raise ConfigError(f"{sweep_dir} is in use by another sweep: wait for it to end, or choose another "
+                                  f"hydra.sweep.dir") from None
+        yield
 
 
 def _composed(args: argparse.Namespace, overrides: list[str]) -> DictConfig:

@@ -4,6 +4,7 @@ every ending of a run or a sweep becomes its exit code and one line (README "Exi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -17,9 +18,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sam_runner.cli.messages import EXIT_NOT_COMPLETED, EXIT_USAGE, fail
-from sam_runner.cli.preflight import CONFIG_DIR, hydra_arguments, preflight
+from sam_runner.cli.preflight import CONFIG_DIR, held_sweep_dir, hydra_arguments, pinned_output, preflight
 from sam_runner.errors import SamRunnerError, describe_unforeseen
-from sam_runner.report.runs import SweepTable
+from sam_runner.report.runs import collect, show_sweep_table
 from sam_runner.run.status import FINISHED
 from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, stop_at_once
 from sam_runner.scale import torchrun_env
@@ -88,25 +89,31 @@ def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
     stop_at_once()  # a stop during start-up (seconds of imports and pre-flight) is one line and 75/130 too
     _leave_kept_thread_errors_to_the_run()
+    output = None
     try:
         args = hydra_arguments(sys.argv[1:])
-        try:
-            preflight(args)
-        except SamRunnerError as error:
-            fail(error)
-        sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
-        first_rho = _first_rho(args.overrides) if args.multirun else None
-        if first_rho is not None:
-            os.environ[PLAIN_RHO_ENV] = first_rho
-        _hydra_job()
+        with contextlib.ExitStack() as held:
+            try:
+                output = preflight(args)
+                if output is not None and args.multirun:
+                    held.enter_context(held_sweep_dir(output))
+            except SamRunnerError as error:
+                fail(error)
+            if output is not None:
+                sys.argv.append(pinned_output(args, output))
+            sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
+            first_rho = _first_rho(args.overrides) if args.multirun else None
+            if first_rho is not None:
+                os.environ[PLAIN_RHO_ENV] = first_rho
+            _hydra_job()
     except (RunStopped, JobLost, KeyboardInterrupt) as stopped:
-        if SweepTable.sweep_dir is not None:  # a stop ends the whole sweep: show where every job got to
-            SweepTable.show(SweepTable.sweep_dir)
+        if output is not None and args.multirun:  # a stop ends the whole sweep: show where every job got to
+            show_sweep_table(output)
         if isinstance(stopped, JobLost):
             fail(stopped, code=EXIT_NOT_COMPLETED)
         if isinstance(stopped, RunStopped):
             fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
         fail("interrupted; the run's summary.json says so, and re-running the same command continues from its "
               "last checkpoint", code=EXIT_INTERRUPTED)
-    if args.multirun and SweepTable.unfinished:
-        sys.exit(EXIT_NOT_COMPLETED)
+    if args.multirun and output is not None and any(run.status not in FINISHED for run in collect(output)):
+        sys.exit(EXIT_NOT_COMPLETED)  # some job failed, diverged or was interrupted: the table above says which

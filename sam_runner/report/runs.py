@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from sam_runner.errors import SamRunnerError
 from sam_runner.run.hyperparameters import HPARAM_KEYS, SAM_ONLY_KEYS
 from sam_runner.run.rundir import SUMMARY, UnreadableRecord, read_record
-from sam_runner.run.status import FINISHED, Status
+from sam_runner.run.status import Status
 
 # What a run produced (besides sharpness, status and error).
 OUTCOME_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "val_acc", "val_loss",
@@ -321,27 +321,16 @@ def format_table(runs: list[Run]) -> str:
 
 
 class SweepTable(Callback):
-    """Prints the table of a sweep's runs once every job has finished, whichever launcher ran them.
-
-    `unfinished` counts the runs that neither completed nor were skipped as duplicates, so that `sam-run` can
-    exit non-zero after a sweep in which some job failed, diverged or was interrupted. `sweep_dir` is the running
-    sweep's directory, known in the launching process whatever launcher runs the jobs, for the table on a stop.
-    """
-
-    unfinished = 0
-    sweep_dir: Path | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        SweepTable.sweep_dir = Path(config.hydra.sweep.dir)
+    """Prints the table of a sweep's runs once every job has finished, whichever launcher ran them (Hydra calls it
+    in the launching process)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        SweepTable.show(Path(config.hydra.sweep.dir))
+        show_sweep_table(Path(config.hydra.sweep.dir))
 
-    @staticmethod
-    def show(sweep_dir: Path) -> None:
-        """Print the table of the runs under `sweep_dir` (also when a stop request ends a sweep early)."""
-        runs = collect(sweep_dir) if sweep_dir.is_dir() else []
-        SweepTable.unfinished = sum(1 for run in runs if run.status not in FINISHED)
-        if runs:
-            print(f"\nsweep {sweep_dir} ({len(runs)} runs)\n{format_table(runs)}\n"
-                  f"seeds aggregated (mean ± std), Kendall's τ and plots: sam-report {sweep_dir}", flush=True)
+
+def show_sweep_table(sweep_dir: Path) -> None:
+    """Print the table of the runs under `sweep_dir` (also when a stop request ends a sweep early)."""
+    runs = collect(sweep_dir) if sweep_dir.is_dir() else []
+    if runs:
+        print(f"\nsweep {sweep_dir} ({len(runs)} runs)\n{format_table(runs)}\n"
+              f"seeds aggregated (mean ± std), Kendall's τ and plots: sam-report {sweep_dir}", flush=True)
