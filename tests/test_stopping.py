@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY, read_json, run_cli
-from test_endings import strict_json
+from test_experiment import strict_json
 from test_resume import assert_same_run, checkpointed_step, in_background, metric_lines
 
 # TINY with an end-of-run measurement slow enough (a few seconds) to be stopped in: 8 steps, then a trace of many
