@@ -1,5 +1,5 @@
-"""scripts/bench.py: its FLOP count against closed forms, and one tiny run end to end (it reaches into train.py,
-so a change of train.py's internals shows here first). Timings are never asserted."""
+"""scripts/bench.py: its FLOP count against closed forms, and one tiny run end to end (it reaches into run/,
+so a change of the run's internals shows here first). Timings are never asserted."""
 
 from __future__ import annotations
 
