@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -190,3 +191,16 @@ def test_a_full_disk_in_the_tensorboard_writer_thread_is_the_run_s_one_line_erro
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], "no traceback from the thread"
     assert result.stderr.startswith("sam-run: error: out of disk space (No space left on device)")
     assert read_json(workdir / "run" / "summary.json")["status"] == "failed"
+
+
+def test_sam_run_handles_stop_signals_before_its_heavy_imports() -> None:
+    """The console script's module loads neither Hydra nor torch before it installs the handlers: a Ctrl-C in the
+    first second of start-up is then one line too (it printed a KeyboardInterrupt traceback from an import)."""
+    from importlib.metadata import entry_points
+
+    (script,) = [point for point in entry_points(group="console_scripts") if point.name == "sam-run"]
+    module = script.value.partition(":")[0]
+    probe = subprocess.run([sys.executable, "-c", f"import sys, signal, {module}; {module}.stop_at_once(); "
+                            "print(sorted(name for name in ('hydra', 'torch', 'omegaconf') if name in sys.modules), "
+                            "signal.getsignal(signal.SIGINT).__name__)"], capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == ["[]", "_stop_now"]
