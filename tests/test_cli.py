@@ -286,7 +286,7 @@ def test_missing_cifar_offline_names_the_fix(workdir: Path) -> None:
     assert result.returncode == 2
     assert "CIFAR-10" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (workdir / "outputs" / "cifar" / "summary.json").exists(), "refused before any record is written"
+    assert not (workdir / "outputs").exists(), "a run refused by its data leaves no directory behind"
 
 
 def test_sam_measure_adds_measurements_at_two_radii_and_keeps_the_runs_own(sam_run_dir: Path, tmp_path: Path
@@ -371,3 +371,13 @@ def test_sweep_job_directories_stay_short_and_distinct_however_many_overrides() 
     long = ",".join(f"key{i}.sub=value{i}" for i in range(30))
     names = {job_dirname(long + f",seed={seed}") for seed in range(3)}
     assert len(names) == 3 and all(len(name) <= JOB_NAME_LIMIT for name in names)
+
+
+def test_a_run_refused_by_its_data_leaves_a_folder_that_was_there_as_it_was(workdir: Path) -> None:
+    """Only what the refused command created goes: a user's own folder named as the run directory stays."""
+    (workdir / "mine").mkdir()
+    (workdir / "mine" / "notes.txt").write_text("mine")
+    result = run_cli("sam-run", "dataset=cifar10", "model=keskar_c1", "dataset.source.download=false",
+                     "data_dir=nowhere", "hydra.run.dir=mine", cwd=workdir)
+    assert result.returncode == 2 and "CIFAR-10" in result.stderr
+    assert (workdir / "mine" / "notes.txt").read_text() == "mine"

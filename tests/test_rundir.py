@@ -157,7 +157,7 @@ def test_a_run_continues_with_another_data_dir_holding_the_same_data(
 
     mnist1d = [*(item for item in TINY if not item.startswith("dataset")), "dataset=mnist1d",
                "dataset.source.num_samples=400"]
-    monkeypatch.setattr(loop, "measure", killed)
+    monkeypatch.setattr(loop, "take_measurement", killed)
     with pytest.raises(SystemExit):
         experiment.run_experiment(composed(workdir, monkeypatch, mnist1d), workdir / "run")
     shutil.copytree(workdir / "data", workdir / "moved")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from sam_runner.cli.messages import EXIT_NOT_COMPLETED, EXIT_USAGE, fail
 from sam_runner.cli.preflight import CONFIG_DIR, held_sweep_dir, hydra_arguments, pinned_output, preflight
 from sam_runner.errors import SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import collect, show_sweep_table
+from sam_runner.run import rundir
 from sam_runner.run.status import FINISHED
 from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, stop_at_once
 from sam_runner.scale import torchrun_env
@@ -85,6 +88,28 @@ def _leave_kept_thread_errors_to_the_run() -> None:
     threading.excepthook = hook
 
 
+@contextlib.contextmanager
+def _removed_if_refused(run_dir: Path | None) -> Iterator[None]:
+    """A single run refused for bad input that only its data shows (labels beyond num_classes, a missing dataset)
+    leaves no directory behind: only what this very command created (`run_dir` and its parents, absent before it),
+    `run_dir` only while it holds no record of a run (just Hydra's files and the lock), parents only when empty."""
+    created = None if run_dir is None or run_dir.exists() else run_dir  # never what was there before
+    while created is not None and not created.parent.exists():
+        created = created.parent  # the topmost folder this command will create
+    try:
+        yield
+    except SystemExit as exit:
+        refused = exit.code == EXIT_USAGE and torchrun_env.launched_world_size() == 1
+        if refused and created is not None and run_dir.is_dir() and not rundir.has_records(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in run_dir.parents:
+                if parent != created and created not in parent.parents:
+                    break
+                with contextlib.suppress(OSError):  # another run may have made something there meanwhile
+                    parent.rmdir()
+        raise
+
+
 def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
     stop_at_once()  # a stop during start-up (seconds of imports and pre-flight) is one line and 75/130 too
@@ -105,7 +130,8 @@ def main() -> None:
             first_rho = _first_rho(args.overrides) if args.multirun else None
             if first_rho is not None:
                 os.environ[PLAIN_RHO_ENV] = first_rho
-            _hydra_job()
+            with _removed_if_refused(None if args.multirun or output is None else output):
+                _hydra_job()
     except (RunStopped, JobLost, KeyboardInterrupt) as stopped:
         if output is not None and args.multirun:  # a stop ends the whole sweep: show where every job got to
             show_sweep_table(output)
