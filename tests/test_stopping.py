@@ -204,3 +204,16 @@ def test_sam_run_handles_stop_signals_before_its_heavy_imports() -> None:
                             "print(sorted(name for name in ('hydra', 'torch', 'omegaconf') if name in sys.modules), "
                             "signal.getsignal(signal.SIGINT).__name__)"], capture_output=True, text=True, check=True)
     assert probe.stdout.split() == ["[]", "_stop_now"]
+
+
+def test_ctrl_c_in_sam_measure_is_one_line_and_adds_nothing(workdir: Path) -> None:
+    assert run_cli("sam-run", *TINY, "sharpness.measures=[]", "hydra.run.dir=run", cwd=workdir).returncode == 0
+    before = checksums(workdir / "run")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "sam-measure"), "run", "--measures", "average",
+                                "--num-samples", "128"], cwd=workdir, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # in its imports, its rebuild of the run or its measurement
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr.strip().splitlines() == [
+        "sam-measure: error: interrupted (Ctrl-C): nothing was added to the run's summary.json"], stderr
+    assert checksums(workdir / "run") == before

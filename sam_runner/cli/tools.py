@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sam_runner.cli.messages import EXIT_USAGE, fail, fail_unforeseen, warnings_in_one_line
 from sam_runner.errors import SamRunnerError
+from sam_runner.run.stopping import EXIT_INTERRUPTED
 
 
 def measure_main(argv: list[str] | None = None) -> None:
@@ -20,13 +21,15 @@ def measure_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, help="training samples to measure on (default: the run's setting)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: the run's device)")
     args = parser.parse_args(argv)
-    from sam_runner.report.remeasure import measure_checkpoint
-
     try:
+        from sam_runner.report.remeasure import measure_checkpoint  # torch: seconds, so inside the Ctrl-C handling
+
         result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
                                     rho=args.rho, num_samples=args.num_samples, device=args.device)
     except SamRunnerError as error:
         fail(error, "sam-measure")
+    except KeyboardInterrupt:  # the summary is written only once a measurement is complete: nothing to undo
+        fail("interrupted (Ctrl-C): nothing was added to the run's summary.json", "sam-measure", EXIT_INTERRUPTED)
     except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
         fail_unforeseen(error, "sam-measure")
     for name, value in result.items():
