@@ -217,3 +217,35 @@ def test_ctrl_c_in_sam_measure_is_one_line_and_adds_nothing(workdir: Path) -> No
     assert process.returncode == 130 and stderr.strip().splitlines() == [
         "sam-measure: error: interrupted (Ctrl-C): nothing was added to the run's summary.json"], stderr
     assert checksums(workdir / "run") == before
+
+
+def test_a_parallel_sweep_whose_sam_run_is_killed_stops_its_workers_and_the_command_continues_it(
+        workdir: Path) -> None:
+    """kill -9 of sam-run leaves joblib's workers without a parent: each job stops as if pre-empted (checkpoint,
+    `preempted`) and its worker exits, instead of training on unseen; the same command then finishes the sweep."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux's /proc to find the worker processes")
+    command = ["-m", "hydra/launcher=parallel", *TINY, "dataset.source.num_train=4096", "epochs=200",
+               "checkpoint.every_steps=10", "sharpness.measures=[]", "seed=0,1", "hydra.sweep.dir=sweep"]
+    process = in_background(workdir, *command)
+    deadline = time.monotonic() + 120
+    while len(jobs := _job_dirs(workdir)) < 2 or \
+            not all(checkpointed_step(job / "checkpoints" / "last.pt")[0] > 0 for job in jobs):
+        assert process.poll() is None and time.monotonic() < deadline, "the jobs never checkpointed"
+        time.sleep(0.2)
+    workers = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    process.kill()
+    process.wait()  # not communicate(): workers that live on would hold its pipes open
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived sam-run"
+        time.sleep(0.2)
+    assert [read_json(job / "summary.json")["status"] for job in _job_dirs(workdir)] == ["preempted", "preempted"]
+    again = run_cli("sam-run", *command, cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert [read_json(job / "summary.json")["status"] for job in _job_dirs(workdir)] == ["completed", "completed"]
+
+
+def _job_dirs(workdir: Path) -> list[Path]:
+    return sorted((workdir / "sweep").glob("[0-9]_*"))

@@ -51,12 +51,14 @@ def _hydra_job(cfg: DictConfig) -> float | None:
     """One Hydra job = one run. Returns its `objective` for Hydra sweepers."""
     from sam_runner.run.experiment import run_experiment
     from sam_runner.scale import gpu_slots  # imported here so `sam-run --help` stays fast
+    from sam_runner.scale.parent_watch import stopped_when_orphaned
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
     try:
-        with gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
-                                  Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
+        with stopped_when_orphaned(), \
+                gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
+                                     Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
             summary = run_experiment(cfg, Path(hydra_config.runtime.output_dir),
                                            choices=dict(hydra_config.runtime.choices),
                                            plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
