@@ -79,7 +79,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_record_changes(work
     before = checksums(workdir / "run")
     refused = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", cwd=workdir)
     assert refused.returncode == 2
-    assert "the checkpoint does not match this run" in one_line(refused.stderr)
+    assert "belongs to another run" in one_line(refused.stderr)
     assert checksums(workdir / "run") == before, "summary.json, run.json, metrics.jsonl, events: all unchanged"
     shutil.copy(workdir / "own.pt", own)
     resumed = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", cwd=workdir)
@@ -166,3 +166,34 @@ def test_a_run_continues_with_another_data_dir_holding_the_same_data(
     assert "continuing" in resumed.stdout
     assert read_json(workdir / "run" / "summary.json")["status"] == "completed"
     assert [line["epoch"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_checkpoint_of_another_run_of_the_same_model_is_refused_before_any_record_changes(workdir: Path) -> None:
+    """The same network, another config (epochs): its checkpoint would load, and the run would go on as the other."""
+    long = ["epochs=40", "checkpoint.every_steps=1"]
+    assert run_cli("sam-run", *TINY, "epochs=1", "hydra.run.dir=other", cwd=workdir).returncode == 0
+    preempted(workdir, "run", *long)
+    shutil.copy(workdir / "other" / "checkpoints" / "last.pt", workdir / "run" / "checkpoints" / "last.pt")
+    before = checksums(workdir / "run")
+    refused = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", cwd=workdir)
+    assert refused.returncode == 2
+    assert "belongs to another run (" in one_line(refused.stderr) and "epochs: 1 -> 40" in refused.stderr
+    assert checksums(workdir / "run") == before
+
+
+def test_a_run_whose_checkpoint_is_gone_is_refused_not_started_over(workdir: Path) -> None:
+    """A run that trained and checkpointed, then lost last.pt: its records are kept until the user says otherwise."""
+    long = ["epochs=40", "checkpoint.every_steps=1"]
+    process = in_background(workdir, *TINY, *long, "hydra.run.dir=run")
+    deadline = time.monotonic() + 120
+    while not (workdir / "run" / "metrics.jsonl").is_file() or not (workdir / "run" / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "the run never logged an epoch"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 75
+    (workdir / "run" / "checkpoints" / "last.pt").unlink()
+    before = checksums(workdir / "run")
+    refused = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", cwd=workdir)
+    assert refused.returncode == 2 and "no checkpoints/last.pt to continue from" in one_line(refused.stderr)
+    assert checksums(workdir / "run") == before
+    assert len(strict_lines(workdir / "run" / "metrics.jsonl")) >= 1

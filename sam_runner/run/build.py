@@ -246,6 +246,7 @@ class Training:
     clock: Stopwatch
     stop: StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
     team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
+    config: dict[str, Any]  # the run's resolved config (RunSpec.config): its checkpoints name the run they belong to
     # Where the records go: attached once the run is built and restored (experiment.py), so a run that refuses to
     # build or to continue from its checkpoint has written nothing.
     logbook: Logbook | None = None
@@ -289,4 +290,4 @@ def build_run(spec: RunSpec, team: Team, clock: Stopwatch, stop: StopRequests) -
                     measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
                         plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None,
                         every=settings.sharpness.every)),
-                    clock=clock, stop=stop, team=team)
+                    clock=clock, stop=stop, team=team, config=spec.config)

@@ -67,12 +67,20 @@ def inspect(run_dir: Path, config: dict[str, Any], *, resume: bool) -> Prior:
     if summary.get("status") in ENDED:
         return Prior(summary=summary)
     if not (run_dir / CHECKPOINT).is_file():
+        if summary.get("epochs_completed") or summary.get("steps_completed"):  # it checkpointed: the file is gone
+            raise CheckpointError(f"{run_dir} holds a run that trained {summary.get('steps_completed', 0)} steps but "
+                                  f"no {CHECKPOINT} to continue from: put it back, or add resume=false to start over")
         _start_over(run_dir, "no checkpoint to continue from (the earlier run stopped before its first)")
         return Prior()
     state = checkpoint.load(run_dir / CHECKPOINT)  # on the CPU: RNG states must stay there; restore moves the rest
     if "progress" not in state:
         raise CheckpointError(f"{run_dir / CHECKPOINT} was written by an older sam-runner and cannot be continued "
                               f"exactly: add resume=false to start over")
+    differences = config_differences(state.get("config", config), config)  # older checkpoints name no config
+    if differences:
+        shown = "; ".join(differences[:SHOWN_DIFFERENCES])
+        raise CheckpointError(f"{run_dir / CHECKPOINT} belongs to another run ({shown}): put this run's checkpoint "
+                              f"back, or add resume=false to start over")
     keep_remeasurements(state["summary"], summary)
     return Prior(checkpoint=state)
 
@@ -155,6 +163,7 @@ def checkpoint_state(run: Training, progress: Progress, summary: dict[str, Any])
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": trained, "step": progress.step, "seed": run.settings.seed,
         "rng": _rng_states(), "progress": progress.state_dict(), "summary": summary, "clock": run.clock.state(),
+        "config": run.config,  # whose checkpoint this is: resume refuses one copied from another run
         "ranks": run.team.gather({"rng": _rng_states(), "totals": progress.totals.state_dict()}),
     }
 

@@ -95,7 +95,7 @@ def stop_at_once() -> None:
     """From now on, outside `stop_requests`, SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C raise `RunStopped` at once: one
     line and exit code 75 or 130 from the entry point, instead of death by signal (143) or a KeyboardInterrupt
     traceback in the middle of start-up. From the main thread only (as every signal handler)."""
-    for number in (*PREEMPTING, signal.SIGINT):
+    for number in (signal.SIGINT, *PREEMPTING):  # SIGINT first: whoever sees SIGTERM handled may send either
         signal.signal(number, _stop_now)
 
 
