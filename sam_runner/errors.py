@@ -19,6 +19,21 @@ class CheckpointError(SamRunnerError):
     """A checkpoint is missing, corrupt or does not match the run it is loaded into."""
 
 
+class JobNotStarted(BaseException):
+    """A sweep's job that did not start: refused for its directory or data (exit code 2), or its run failed to build
+    (1), before it wrote a record. It ends the sweep as a stop does (the table of the other jobs, one line naming
+    this one): a BaseException, so that no launcher swallows it, and every later job would most likely be refused
+    alike. Its directory holds no record of this sweep's job, so the table leaves it out."""
+
+    def __init__(self, message: str, run_dir: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int]]:  # a SLURM job hands it back to the sweep pickled
+        return JobNotStarted, (str(self), self.run_dir, self.exit_code)
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line: its lines joined, without the diagnostics OmegaConf and Hydra append
     (`full_key: ...`, `object_type=...`); the key an OmegaConf error names goes in front instead."""

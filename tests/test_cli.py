@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import TINY, read_json, run_cli
 
 SUMMARY_KEYS = {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "status",
@@ -61,6 +62,10 @@ def test_single_run_writes_metrics_run_info_checkpoint_and_one_tensorboard_run(s
     assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= state.keys()
     event_files = list(sam_run_dir.rglob("events.out.tfevents.*"))
     assert [path.parent for path in event_files] == [sam_run_dir], "hparams must not create a second run"
+    hydra_record = sam_run_dir / ".hydra"  # Hydra's record of the job, written by sam-run once the run started
+    assert OmegaConf.load(hydra_record / "config.yaml").optimizer.name == "sam"
+    assert "rho=0.05" in OmegaConf.load(hydra_record / "overrides.yaml")
+    assert OmegaConf.load(hydra_record / "hydra.yaml").hydra.runtime.output_dir == str(sam_run_dir.resolve())
 
 
 def test_tensorboard_has_the_metric_tags(sam_run_dir: Path) -> None:
@@ -280,6 +285,16 @@ def test_unwritable_output_directory_is_a_clear_error(workdir: Path) -> None:
     assert (workdir / "blocker").read_text() == "a file where a directory should be"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_output_directory_that_cannot_be_made_is_one_line_even_for_root(workdir: Path, key: str) -> None:
+    """/proc takes no new folder, whoever asks (permission bits would not stop root, who runs many containers)."""
+    result = run_cli("sam-run", *(["-m"] if key == "hydra.sweep.dir" else []), *TINY, f"{key}=/proc/nope/x", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr == f"sam-run: error: cannot write run outputs under /proc (No such file or directory): " \
+                            f"choose a writable {key}\n"
+
+
 def test_missing_cifar_offline_names_the_fix(workdir: Path) -> None:
     result = run_cli("sam-run", "dataset=cifar10", "model=keskar_c1", "dataset.source.download=false",
                      "data_dir=nowhere", "hydra.run.dir=outputs/cifar", cwd=workdir)
@@ -381,3 +396,26 @@ def test_a_run_refused_by_its_data_leaves_a_folder_that_was_there_as_it_was(work
                      "data_dir=nowhere", "hydra.run.dir=mine", cwd=workdir)
     assert result.returncode == 2 and "CIFAR-10" in result.stderr
     assert (workdir / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_a_sweep_job_refused_for_its_directory_ends_the_sweep_with_exit_2_and_leaves_it_out_of_the_table(
+        workdir: Path) -> None:
+    """Job 1's directory holds sam-run-like files but no run.json: not this sweep's run, so neither continued,
+    changed, nor shown as this sweep's result (its summary.json says completed)."""
+    sweep = ["-m", *TINY, "epochs=1", "seed=0,1,2", "hydra.sweep.dir=sweep"]
+    assert run_cli("sam-run", *sweep[:-2], "seed=0,1", "hydra.sweep.dir=sweep", cwd=workdir).returncode == 0
+    foreign = next((workdir / "sweep").glob("1_*"))
+    (foreign / "run.json").unlink()
+
+    def contents() -> dict[Path, bytes]:  # but the per-attempt files: Hydra's log, the lock's holder
+        return {path: path.read_bytes() for path in foreign.rglob("*")
+                if path.is_file() and path.name not in ("sam-run.log", ".lock")}
+
+    before = contents()
+    result = run_cli("sam-run", *sweep, cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("sam-run: error: run 1 did not start: ") and "holds files that no sam-run wrote" in error
+    assert "Traceback" not in result.stderr
+    assert "sweep sweep (1 runs)" in result.stdout, result.stdout  # job 0; job 2 never started: the refusal ended it
+    assert contents() == before

@@ -122,9 +122,11 @@ def test_a_run_that_diverges_between_epoch_ends_keeps_a_finite_checkpoint(
     assert 1 <= state["step"] < summary["steps_completed"]
 
 
-def test_a_resumed_logbook_cuts_metrics_back_to_whole_lines(tmp_path: Path) -> None:
+def test_a_resumed_logbook_cuts_metrics_back_to_whole_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
     """Longer than the checkpoint's offset (a kill after it): cut to the offset. Shorter (a truncated file, a torn
-    last line): cut to the last whole line. Then the next epoch's line follows a whole one."""
+    last line): cut to the last whole line, saying which epochs' lines are lost. Then the next epoch's line follows
+    a whole one."""
     from sam_runner.run.logbook import Logbook
 
     lines = [json.dumps({"epoch": epoch, "step": 4 * epoch}) + "\n" for epoch in (1, 2)]
@@ -136,6 +138,9 @@ def test_a_resumed_logbook_cuts_metrics_back_to_whole_lines(tmp_path: Path) -> N
         logbook.log_epoch(9, 36, {"train/loss_seen": 0.5})
         logbook.close({})
         assert [line["epoch"] for line in strict_lines(metrics)] == ([1, 2, 9] if len(written) > offset else [1, 9])
+    assert [record.getMessage().split(": ", 1)[1] for record in caplog.records] == [
+        "its last whole line is epoch 1, and the lines of the epochs after it are lost from it (TensorBoard's events "
+        "still hold them)"]
 
 
 def test_a_value_derived_from_data_dir_may_change_with_it_and_nothing_else() -> None:
@@ -175,7 +180,10 @@ def test_a_checkpoint_of_another_run_of_the_same_model_is_refused_before_any_rec
     preempted(workdir, "run", *long)
     shutil.copy(workdir / "other" / "checkpoints" / "last.pt", workdir / "run" / "checkpoints" / "last.pt")
     before = checksums(workdir / "run")
-    refused = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", cwd=workdir)
+    assert any(name.startswith(".hydra/") for name in before)
+    # data_dir may change on resume, so the pre-flight lets the command through: Hydra's record of it (.hydra/
+    # overrides.yaml) must not be rewritten either before the checkpoint is refused
+    refused = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", "data_dir=data", cwd=workdir)
     assert refused.returncode == 2
     assert "belongs to another run (" in one_line(refused.stderr) and "epochs: 1 -> 40" in refused.stderr
     assert checksums(workdir / "run") == before

@@ -4,6 +4,7 @@ trains or will be continued: nothing is lost, every ending is one line with its 
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, read_json, run_cli
+from conftest import BIN, TINY, read_json, run_cli
 from test_experiment import strict_json
 from test_resume import assert_same_run, checkpointed_step, in_background, metric_lines
 
@@ -114,6 +115,43 @@ def test_a_stop_during_start_up_is_one_line_with_its_exit_code_and_writes_nothin
     assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name} while no run "
                                            f"was training (nothing to checkpoint): re-run the same command to go on"]
     assert not (workdir / "run").exists()
+
+
+# Loaded by Python at start-up from PYTHONPATH: an exit handler, the last to run, that says when sam-run is exiting
+# and gives a stop request the time to land there.
+SLOW_EXIT = textwrap.dedent("""
+    import atexit
+    import os
+    import time
+
+
+    def exiting():
+        open(os.environ["EXIT_MARK"], "w").close()
+        time.sleep(60)
+
+
+    atexit.register(exiting)
+""")
+
+
+def test_a_stop_while_sam_run_exits_after_its_run_ended_is_no_traceback(workdir: Path) -> None:
+    """The run completed and said so; a SIGTERM in the exit handlers ends the process as the signal does (143),
+    not with RunStopped raised in an exit handler (a traceback, then exit 0)."""
+    (workdir / "hooks").mkdir()
+    (workdir / "hooks" / "sitecustomize.py").write_text(SLOW_EXIT)
+    mark = workdir / "exiting"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "EXIT_MARK": str(mark), "PYTHONPATH": str(workdir / "hooks")}
+    process = subprocess.Popen([str(BIN / "sam-run"), *TINY, "epochs=1", "hydra.run.dir=run"], cwd=workdir, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "done (completed)" in stdout and read_json(workdir / "run" / "summary.json")["status"] == "completed"
 
 
 def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resume(

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,8 +141,13 @@ def _check_writable(directory: Path, key: str) -> None:
     existing = directory
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cannot write run outputs under {existing}: choose a writable {key}")
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write run outputs under {existing}, a file: choose a writable {key}")
+    try:  # a folder made and removed at once: permissions (root's too), read-only mounts and /proc all answer
+        tempfile.TemporaryDirectory(dir=existing, prefix=".sam-run-check-").cleanup()
+    except OSError as error:
+        raise ConfigError(f"cannot write run outputs under {existing} ({error.strerror}): choose a writable "
+                          f"{key}") from None
 
 
 def hydra_arguments(argv: list[str]) -> argparse.Namespace:

@@ -17,15 +17,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sam_runner.cli.messages import EXIT_NOT_COMPLETED, EXIT_USAGE, fail
 from sam_runner.cli.preflight import CONFIG_DIR, held_sweep_dir, hydra_arguments, pinned_output, preflight
-from sam_runner.errors import SamRunnerError, describe_unforeseen
+from sam_runner.errors import JobNotStarted, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import collect, show_sweep_table
 from sam_runner.run import rundir
 from sam_runner.run.status import FINISHED
-from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, stop_at_once
+from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, leave_stops_to_the_system, stop_at_once
 from sam_runner.scale import torchrun_env
 from sam_runner.scale.slurm import JobLost
 
@@ -55,25 +55,47 @@ def _hydra_job(cfg: DictConfig) -> float | None:
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_config.runtime.output_dir)
+    started = []
+
+    def accepted() -> None:
+        _save_hydra_config(run_dir, cfg)
+        started.append(run_dir)
+
     try:
         with stopped_when_orphaned(), \
                 gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
                                      Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
-            summary = run_experiment(cfg, Path(hydra_config.runtime.output_dir),
-                                           choices=dict(hydra_config.runtime.choices),
-                                           plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None)
+            summary = run_experiment(cfg, run_dir, choices=dict(hydra_config.runtime.choices),
+                                     plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None,
+                                     on_accepted=accepted)
     except Exception as error:  # any class: the run's summary.json says failed, and a sweep goes on
         foreseen = isinstance(error, SamRunnerError)
         if not foreseen and os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = str(error) if foreseen else f"{describe_unforeseen(error)} (HYDRA_FULL_ERROR=1 shows where)"
+        code = EXIT_USAGE if foreseen else EXIT_NOT_COMPLETED
         if not in_sweep:
-            fail(message, code=EXIT_USAGE if foreseen else EXIT_NOT_COMPLETED)
+            fail(message, code=code)
+        if not started:  # it wrote nothing: the sweep ends here, or its table would show what the directory held
+            raise JobNotStarted(f"run {hydra_config.job.num} did not start: {message}", str(run_dir), code) from None
         print(f"sam-run: run {hydra_config.job.num} failed: {message}", file=sys.stderr)
         return None
     if not in_sweep and summary["status"] not in FINISHED:
         fail(f"the run {summary['status']}: {summary.get('error')}", code=EXIT_NOT_COMPLETED)
     return objective(summary)
+
+
+def _save_hydra_config(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's record of the job (.hydra/config.yaml, hydra.yaml, overrides.yaml), written once the run has accepted
+    its directory. configs/config.yaml turns Hydra's own early copy off (`hydra.output_subdir: null`): Hydra writes
+    it before the job starts, so a run refused for its directory (another run's checkpoint) would have rewritten
+    the config of the run that is there."""
+    hydra_root = HydraConfig.instance().cfg
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_root), ("overrides.yaml", hydra_root.hydra.overrides.task)):
+        path = run_dir / rundir.HYDRA_DIR / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(OmegaConf.to_yaml(node))
 
 
 def _leave_kept_thread_errors_to_the_run() -> None:
@@ -134,14 +156,18 @@ def main() -> None:
                 os.environ[PLAIN_RHO_ENV] = first_rho
             with _removed_if_refused(None if args.multirun or output is None else output):
                 _hydra_job()
-    except (RunStopped, JobLost, KeyboardInterrupt) as stopped:
+    except (RunStopped, JobLost, JobNotStarted, KeyboardInterrupt) as stopped:
         if output is not None and args.multirun:  # a stop ends the whole sweep: show where every job got to
-            show_sweep_table(output)
+            show_sweep_table(output, leaving_out=Path(stopped.run_dir) if isinstance(stopped, JobNotStarted) else None)
         if isinstance(stopped, JobLost):
             fail(stopped, code=EXIT_NOT_COMPLETED)
+        if isinstance(stopped, JobNotStarted):
+            fail(stopped, code=stopped.exit_code)
         if isinstance(stopped, RunStopped):
             fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
         fail("interrupted; the run's summary.json says so, and re-running the same command continues from its "
               "last checkpoint", code=EXIT_INTERRUPTED)
+    finally:
+        leave_stops_to_the_system()  # every run has recorded how it ended: a stop now only ends the process
     if args.multirun and output is not None and any(run.status not in FINISHED for run in collect(output)):
         sys.exit(EXIT_NOT_COMPLETED)  # some job failed, diverged or was interrupted: the table above says which

@@ -328,9 +328,11 @@ class SweepTable(Callback):
         show_sweep_table(Path(config.hydra.sweep.dir))
 
 
-def show_sweep_table(sweep_dir: Path) -> None:
-    """Print the table of the runs under `sweep_dir` (also when a stop request ends a sweep early)."""
+def show_sweep_table(sweep_dir: Path, leaving_out: Path | None = None) -> None:
+    """Print the table of the runs under `sweep_dir` (also when a stop request ends a sweep early), without the
+    directory `leaving_out` (a job that did not start there: what it holds is not that job's)."""
     runs = collect(sweep_dir) if sweep_dir.is_dir() else []
+    runs = [run for run in runs if leaving_out is None or run.path != leaving_out.resolve()]
     if runs:
         print(f"\nsweep {sweep_dir} ({len(runs)} runs)\n{format_table(runs)}\n"
               f"seeds aggregated (mean ± std), Kendall's τ and plots: sam-report {sweep_dir}", flush=True)

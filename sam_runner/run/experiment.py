@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,19 @@ log = logging.getLogger("sam_runner")
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | None = None,
-                   plain_rho: str | None = None) -> dict[str, Any]:
+                   plain_rho: str | None = None, on_accepted: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train one configuration and write everything into `run_dir`, continuing the run already there if it
     stopped early (resume.py). Returns the final summary.
+
+    `on_accepted` is called (by rank 0) once the run is built and its checkpoint restored, just before the first
+    record is written: the caller's own files (the CLI's copy of Hydra's config) are written then, not for a run
+    that is refused.
 
     Under torchrun every process runs this; rank 0 decides what the run directory holds and writes it (ranks.py).
     """
     spec = make_spec(cfg, choices)
     if spec.sam is None and plain_rho is not None and float(plain_rho) != spec.settings.rho:
-        return _skip_duplicate(run_dir, HyperParameters.of(spec).record(), plain_rho)
+        return _skip_duplicate(run_dir, HyperParameters.of(spec).record(), plain_rho, on_accepted)
     with ranks.team(spec.device) as team, team.claimed(run_dir), stopping.stop_requests() as stop:
         prior = team.by_main(resume.inspect, run_dir, spec.config, resume=spec.settings.resume)
         if prior.ended:
@@ -47,11 +52,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, *, choices: dict[str, str] | 
                      prior.summary["status"])
             return prior.summary
         state = resume.own_share(prior.checkpoint, team.world) if prior.checkpoint else None
-        return _train(spec, team, run_dir, state, stop)
+        return _train(spec, team, run_dir, state, stop, on_accepted)
 
 
-def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests
-           ) -> dict[str, Any]:
+def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | None, stop: stopping.StopRequests,
+           on_accepted: Callable[[], None] | None) -> dict[str, Any]:
     """Build the run (from `state`, a checkpoint, when continuing), train it and record how it ended. Nothing is
     written before the run is built and restored: a refusal leaves the run directory as it was."""
     device = team.device
@@ -63,6 +68,8 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
     hparams = {**HyperParameters.of(spec, steps_budget=run.plan.total_steps).record(),
                **distributed.describe_world(team.world, sam_mode=ddp.sam_mode, sync_batchnorm=ddp.sync_batchnorm,
                                             is_sam=spec.sam is not None)}
+    if on_accepted is not None:
+        team.by_main(on_accepted)
     team.by_main(write_run_info, run_dir, sys.argv, spec.config, device,
                  resumed_at_step=progress.step if state else None)
     run.logbook = logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
@@ -122,8 +129,11 @@ def _optimizer_label(hparams: dict[str, Any]) -> str:
     return f"{hparams['optimizer']}({hparams['base_optimizer']}, rho={hparams['rho']:g})"
 
 
-def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str) -> dict[str, Any]:
+def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str,
+                    on_accepted: Callable[[], None] | None) -> dict[str, Any]:
     """A plain optimizer ignores rho: in a rho sweep only its run at the sweep's first rho trains."""
+    if on_accepted is not None:
+        on_accepted()
     summary = {"status": Status.DUPLICATE.value, "epochs_completed": 0,
                "error": f"{hparams['optimizer']} ignores rho; see the run with rho={plain_rho}", **hparams}
     write_json_atomic(summary, run_dir / rundir.SUMMARY)

@@ -7,6 +7,7 @@ summary.json is rewritten after every epoch, so a killed run still says how far 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -29,6 +30,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from sam_runner.run.checkpoint import strict_json, write_json_atomic
 from sam_runner.run.rundir import METRICS, RUN_INFO, SUMMARY
 from sam_runner.run.status import ENDED
+
+log = logging.getLogger("sam_runner")
 
 SHOW_PROGRESS = sys.stderr.isatty()  # bars only for a person at a terminal, never in logs or CI
 
@@ -201,6 +204,12 @@ def _whole_lines_up_to(file: BinaryIO, offset: int) -> int:
     if size >= offset:
         return offset
     file.seek(0)
-    return file.read().rfind(b"\n") + 1
+    whole = file.read()
+    cut = whole.rfind(b"\n") + 1
+    kept = whole[:cut].splitlines()
+    last = f"its last whole line is epoch {json.loads(kept[-1]).get('epoch')}" if kept else "no line of it is whole"
+    log.warning("%s is shorter (%d bytes) than when the checkpoint was written (%d): %s, and the lines of the epochs "
+                "after it are lost from it (TensorBoard's events still hold them)", file.name, size, offset, last)
+    return cut
 
 

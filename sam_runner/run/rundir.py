@@ -22,7 +22,8 @@ LOCK_NAME = ".lock"
 SUMMARY = "summary.json"  # how the run stands or ended, its results and hyper-parameters (rewritten every epoch)
 RUN_INFO = "run.json"  # written first by every sam-run: the mark of a directory whose records are a sam-run's
 METRICS = "metrics.jsonl"  # one line per logged epoch
-# What sam-run writes into a run directory besides Hydra's .hydra/ and log file (those are appended to).
+HYDRA_DIR = ".hydra"  # the job's config as Hydra records it (written when the run starts or continues)
+# What sam-run writes into a run directory besides .hydra/ and Hydra's log file (those are rewritten, appended to).
 RECORD_FILES = (SUMMARY, RUN_INFO, METRICS)
 RECORD_GLOBS = ("events.out.tfevents.*",)
 CHECKPOINT_DIR = "checkpoints"

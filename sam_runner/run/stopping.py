@@ -9,7 +9,8 @@ from). A handler that was installed before ours for the stopping signal (submiti
 once the checkpoint is written.
 
 While no run trains (start-up: the pre-flight, Hydra, building a run; between the jobs of a sweep) there is
-nothing to checkpoint, so `stop_at_once` makes a signal end the process at once, as `RunStopped`.
+nothing to checkpoint, so `stop_at_once` makes a signal end the process at once, as `RunStopped`; once the command
+is over, `leave_stops_to_the_system` gives the signals their default action back for the moments of its exit.
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def stop_at_once() -> None:
     traceback in the middle of start-up. From the main thread only (as every signal handler)."""
     for number in (signal.SIGINT, *PREEMPTING):  # SIGINT first: whoever sees SIGTERM handled may send either
         signal.signal(number, _stop_now)
+
+
+def leave_stops_to_the_system() -> None:
+    """Once the command has ended, its runs having recorded how they ended, a stop request has nothing left to
+    checkpoint or report: the signals' default action ends the process at once (exit status 128 + signal), not
+    `RunStopped` raised in one of Python's exit handlers, which prints a traceback and exits 0."""
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, *PREEMPTING):
+            signal.signal(number, signal.SIG_DFL)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 
+from sam_runner.errors import JobNotStarted
 from sam_runner.run.stopping import RunStopped
 from sam_runner.scale import torchrun_env
 
@@ -40,7 +41,7 @@ class SamRunJob:
             sweep_overrides = [*sweep_overrides, *torchrun_env.hydra_overrides()]
         try:
             return super().__call__(sweep_overrides, *args)  # type: ignore[misc]
-        except RunStopped as stopped:  # not requeued: the sweep re-raises it when it reads this job's result
+        except (RunStopped, JobNotStarted) as stopped:  # not requeued: the sweep re-raises it reading the result
             return JobReturn(overrides=sweep_overrides, status=JobStatus.FAILED, _return_value=stopped)
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 
 from sam_runner.errors import ConfigError
 
-# Hydra in a process other than rank 0: no .hydra/ copy, no log file, only warnings on the console.
+# Hydra in a process other than rank 0: no log file, only warnings on the console (rank 0 alone writes .hydra/).
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-QUIET_HYDRA = ("hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING")
+QUIET_HYDRA = ("hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING")
 PER_PROCESS = ("${now:", "${pid:")  # interpolations that differ between the processes of one torchrun
 
 
