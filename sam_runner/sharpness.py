@@ -98,7 +98,7 @@ def estimate_cost(measures: Sequence[str], num_batches: int, parameter_count: in
     """An upper bound on the passes `measure(..., measures=measures, **options)` takes over `num_batches` batches
     of a model with `parameter_count` trainable parameters: the per-batch costs of `measure`'s docstring, each
     shared computation counted once (the finiteness check, L(w) with its gradient, the ascent point, Lanczos)."""
-    names, settings = _checked_measures(measures), _checked_options(options)
+    names, settings = checked_measures(measures), checked_options(options)
     step = Cost(1, 1)  # one forward and backward
     per_batch = Cost(1, 0)  # the finiteness check of L(w)
     if set(names) & {"alignment", "worst", "ascent", "average", "keskar"}:
@@ -201,8 +201,8 @@ def measure(
     asked to stop (a pre-empted job) need not wait for a measurement that can take minutes: when it answers
     True, `measure` raises MeasurementStopped.
     """
-    names = _checked_measures(measures)
-    settings = _checked_options(options)
+    names = checked_measures(measures)
+    settings = checked_options(options)
     if rho <= 0 and any(name in _NEEDS_RHO for name in names):
         raise MeasureError(f"sharpness radius rho must be positive for {', '.join(_NEEDS_RHO)}, got {rho}")
     landscape = _Landscape(model, criterion, batches, rho=rho, seed=seed, options=settings, should_stop=should_stop)
@@ -241,7 +241,8 @@ def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _checked_measures(measures: Sequence[str]) -> list[str]:
+def checked_measures(measures: Sequence[str]) -> list[str]:
+    """The measure names, each once; `MeasureError` names any unknown one (also the run spec's check)."""
     names = [measures] if isinstance(measures, str) else list(measures)
     unknown = [name for name in names if name not in MEASURES]
     if unknown:
@@ -249,7 +250,8 @@ def _checked_measures(measures: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _checked_options(options: dict[str, float | int | bool]) -> Options:
+def checked_options(options: dict[str, float | int | bool]) -> Options:
+    """`Options` from a dict; `MeasureError` names any unknown option (also the run spec's check)."""
     valid = [field.name for field in fields(Options)]
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from conftest import TINY, read_json, run_cli
+from omegaconf import OmegaConf
 
 SUMMARY_KEYS = {"train_acc", "test_acc", "train_loss", "test_loss", "gap_acc", "gap_loss", "status",
                 "epochs_completed", "wall_time_s", "sharpness", "optimizer", "base_optimizer", "rho", "batch_size",
@@ -163,7 +163,7 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("rhoo=0.1", "unknown key 'rhoo'"),
     ("device=gpu", "expected one of [auto, cpu, cuda]"),
     ("model=custom", "model._target_ must be set"),
-    ("sharpness.measures=[sharpest]", "sharpness.measures: unknown ['sharpest']"),
+    ("sharpness.measures=[sharpest]", "sharpness.measures: unknown sharpness measure(s) ['sharpest']"),
     ("rho=inf", "rho must be a finite number (got inf)"),
     ("hydra.run.dir=", "hydra.run.dir is empty"),
     # what the builders would refuse only after making the run directory, checked without data

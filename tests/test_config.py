@@ -184,6 +184,16 @@ def test_seeds_are_checked_against_what_numpy_accepts(seed: int, valid: bool) ->
         validate(composed(f"seed={seed}"))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("sharpness.measures=[trace,sharpest]", "sharpness.measures: unknown sharpness measure(s) ['sharpest']; valid: "
+                                            "lambda_max, trace, worst, ascent, average, keskar, alignment, or `auto`"),
+    ("+sharpness.options={trace_probs:3}", "sharpness.options: unknown sharpness option(s) ['trace_probs']; valid: "
+                                           "tolerance, max_iterations, trace_probes,")])
+def test_sharpness_names_are_checked_by_the_measures_own_check_before_training(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        validate(composed(override))
+
+
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         return {key: value for name, child in node.items() for key, value in _leaves(child, f"{prefix}{name}.").items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import nn
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
 from sam_runner.optim import SAM
-from sam_runner.run.logbook import Logbook, Stopwatch
+from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
 from sam_runner.run.spec import RunSpec, Settings
@@ -232,7 +233,7 @@ def build_scheduler(node: DictConfig, optimizer: torch.optim.Optimizer, steps_pe
 class Training:
     """Everything one run needs, built once from its config, so `fit` reads as a loop rather than a switchboard."""
 
-    settings: Settings
+    spec: RunSpec  # what runs: its settings, resolved config (checkpoints name the run they belong to), precision
     plan: RunPlan
     data: Data
     model: nn.Module
@@ -240,16 +241,20 @@ class Training:
     scheduler: Any
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
-    autocast_dtype: torch.dtype | None
     micro_batch_size: int | None  # SAM's m-sharpness chunk; None: the whole batch
     measures: MeasureChoice  # sharpness measures taken during and at the end of the run, and what chose them
     clock: Stopwatch
     stop: StopRequests  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C requests, honoured between steps
     team: Team  # the processes of the run (one without torchrun): model is DDP-wrapped when there are several
-    config: dict[str, Any]  # the run's resolved config (RunSpec.config): its checkpoints name the run they belong to
-    # Where the records go: attached once the run is built and restored (experiment.py), so a run that refuses to
-    # build or to continue from its checkpoint has written nothing.
-    logbook: Logbook | None = None
+    run_dir: Path  # where its checkpoint goes; the other records are the logbook's, which `fit` is handed
+
+    @property
+    def settings(self) -> Settings:
+        return self.spec.settings
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.spec.autocast_dtype
 
     @property
     def network(self) -> nn.Module:
@@ -266,8 +271,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(spec: RunSpec, team: Team, clock: Stopwatch, stop: StopRequests) -> Training:
-    """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets)."""
+def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: StopRequests) -> Training:
+    """Data, model, optimizer and schedule, and the run's plan (lr scaling, budget, targets). Writes nothing."""
     settings = spec.settings
     seed_everything(settings.seed)
     data = team.main_first(build_data, spec, team.device)  # rank 0 downloads, the others read
@@ -283,11 +288,11 @@ def build_run(spec: RunSpec, team: Team, clock: Stopwatch, stop: StopRequests) -
     optimizer = build_optimizer(spec.optimizer, settings.rho, plan.lr, model)
     scheduler = build_scheduler(spec.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
     model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)
-    return Training(settings=settings, plan=plan, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
+    return Training(spec=spec, plan=plan, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
                     scaler=torch.amp.GradScaler(team.device.type) if spec.precision == "fp16" else None,
                     criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
-                    autocast_dtype=spec.autocast_dtype, micro_batch_size=micro_batch_size,
+                    micro_batch_size=micro_batch_size,
                     measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
                         plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None,
                         every=settings.sharpness.every)),
-                    clock=clock, stop=stop, team=team, config=spec.config)
+                    clock=clock, stop=stop, team=team, run_dir=run_dir)

@@ -62,7 +62,7 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
     device = team.device
     clock = Stopwatch(state["clock"] if state else None)
     # Whatever can refuse (the build, a checkpoint that does not fit the model) refuses before a record changes.
-    run = build_run(spec, team, clock, stop)
+    run = build_run(spec, team, run_dir, clock, stop)
     progress = resume.restore(run, state) if state else Progress()
     ddp = spec.settings.ddp
     hparams = {**HyperParameters.of(spec, steps_budget=run.plan.total_steps).record(),
@@ -72,8 +72,8 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
         team.by_main(on_accepted)
     team.by_main(write_run_info, run_dir, sys.argv, spec.config, device,
                  resumed_at_step=progress.step if state else None)
-    run.logbook = logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
-                                         purge_step=progress.logged_step + 1 if state else None)
+    logbook = team.logbook(run_dir, hparams, metrics_offset=progress.metrics_offset,
+                           purge_step=progress.logged_step + 1 if state else None)
     summary: dict[str, Any] = {**(state["summary"] if state else {"epochs_completed": 0}),
                                "status": Status.RUNNING.value}
     summary.pop("error", None)
@@ -88,7 +88,7 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
                  hparams["model"], _optimizer_label(hparams), device, spec.precision,
                  sum(p.numel() for p in run.network.parameters()), run.plan.steps_per_epoch, run.plan.protocol,
                  run_dir)
-        fit(run, summary, progress)
+        fit(run, logbook, summary, progress)
         if summary["status"] == Status.RUNNING:
             summary["status"] = Status.COMPLETED.value  # training and the final measurements are done
     except SamRunnerError as error:

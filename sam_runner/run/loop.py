@@ -21,7 +21,7 @@ from sam_runner.run import resume, rundir
 from sam_runner.run.build import Training
 from sam_runner.run.checkpoint import save_atomic
 from sam_runner.run.evaluation import generalization
-from sam_runner.run.logbook import HPARAM_METRICS, SHOW_PROGRESS
+from sam_runner.run.logbook import HPARAM_METRICS, SHOW_PROGRESS, Logbook
 from sam_runner.run.measurement import add_measurement, take_measurement
 from sam_runner.run.plan import RunPlan, at_chance
 from sam_runner.run.progress import Progress
@@ -32,14 +32,14 @@ from sam_runner.sharpness import MeasurementStopped
 log = logging.getLogger("sam_runner")
 
 
-def fit(run: Training, summary: dict[str, Any], progress: Progress) -> None:
-    """The epoch loop: train, evaluate, check the target, measure when due, log, checkpoint.
+def fit(run: Training, logbook: Logbook, summary: dict[str, Any], progress: Progress) -> None:
+    """The epoch loop: train, evaluate, check the target, measure when due, log (into `logbook`), checkpoint.
 
     Follows `run.plan` (plan.py): how many batches each epoch trains, when it evaluates and checkpoints, and
     when a target ends the run early. Starts where `progress` stands (a continued run) and keeps it current,
     and updates `summary` after every epoch, so whoever holds it knows how far the run got if it fails.
     """
-    plan, clock, logbook = run.plan, run.clock, run.logbook
+    plan, clock = run.plan, run.clock
     if progress.ended:  # stopped after its final checkpoint, before its summary said so
         return
     epochs = tqdm(range(progress.epoch, plan.epochs), initial=progress.epoch, total=plan.epochs, desc="epochs",
@@ -145,7 +145,7 @@ def save_checkpoint(run: Training, progress: Progress, summary: dict[str, Any]) 
                         rundir.CHECKPOINT)
             return
         state = resume.checkpoint_state(run, progress, summary)  # under DDP, with every rank's own part
-        run.team.by_main(save_atomic, state, run.logbook.run_dir / rundir.CHECKPOINT)
+        run.team.by_main(save_atomic, state, run.run_dir / rundir.CHECKPOINT)
 
 
 def _finite(model: nn.Module) -> bool:

@@ -163,7 +163,7 @@ def checkpoint_state(run: Training, progress: Progress, summary: dict[str, Any])
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": trained, "step": progress.step, "seed": run.settings.seed,
         "rng": _rng_states(), "progress": progress.state_dict(), "summary": summary, "clock": run.clock.state(),
-        "config": run.config,  # whose checkpoint this is: resume refuses one copied from another run
+        "config": run.spec.config,  # whose checkpoint this is: resume refuses one copied from another run
         "ranks": run.team.gather({"rng": _rng_states(), "totals": progress.totals.state_dict()}),
     }
 

@@ -126,8 +126,10 @@ def _select(settings: Settings, key: str) -> Any:
 
 
 def sharpness_measures(value: Any) -> list[str] | str:
-    """`auto`, or the list of measure names (a comma-separated string is accepted from the command line)."""
-    from sam_runner.sharpness import MEASURES  # the one list of names; imported late: it loads torch
+    """`auto`, or the list of measure names (a comma-separated string is accepted from the command line), checked
+    by sharpness.py's own check (imported late: it loads torch, which `sam-run --help` does not need)."""
+    from sam_runner.sharpness import MeasureError, checked_measures
+
     if value is None:
         return []
     if isinstance(value, str):
@@ -136,21 +138,21 @@ def sharpness_measures(value: Any) -> list[str] | str:
         value = [name for name in value.split(",") if name]
     if not isinstance(value, (list, tuple, ListConfig)):
         raise ConfigError(f"sharpness.measures must be `auto` or a list of names (got {value!r})")
-    unknown = [name for name in value if name not in MEASURES]
-    _require(not unknown, f"sharpness.measures: unknown {unknown}; choose from {list(MEASURES)} or `auto`")
-    return list(value)
+    try:
+        return checked_measures(list(value))
+    except MeasureError as error:
+        raise ConfigError(f"sharpness.measures: {error}, or `auto`") from None
 
 
 def sharpness_options(value: Any) -> dict[str, Any]:
     """Extra keyword options for `sharpness.measure`, checked now so a typo fails before training, not after."""
-    from sam_runner.sharpness import Options
+    from sam_runner.sharpness import MeasureError, checked_options
 
     options = OmegaConf.to_container(value) if isinstance(value, DictConfig) else dict(value or {})
     try:
-        Options(**options)
-    except TypeError as error:
-        names = ", ".join(item.name for item in fields(Options))
-        raise ConfigError(f"sharpness.options: {error}; valid options: {names}") from None
+        checked_options(options)
+    except MeasureError as error:
+        raise ConfigError(f"sharpness.options: {error}") from None
     return options
 
 
