@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from sam_runner.errors import CheckpointError
+from sam_runner.run.rundir import CHECKPOINT
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model", "epoch")
@@ -109,3 +110,22 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise CheckpointError(f"checkpoint {path} has format {state['format_version']}, newer than this "
                               f"sam-runner reads ({FORMAT_VERSION}): upgrade sam-runner")
     return state
+
+
+def initial_weights(source: Path, network: torch.nn.Module) -> dict[str, Any]:
+    """Load another run's weights into `network` (`init_from`): from a run directory's checkpoints/last.pt or a
+    checkpoint file; its optimizer, schedule and position stay behind (continuing a run is resume's). Returns what
+    summary.json and the log say of the source. A model of another shape is refused in one line."""
+    path = source / CHECKPOINT if source.is_dir() else source
+    if not path.is_file():
+        raise CheckpointError(f"init_from={source}: no checkpoint there (give a run directory written by sam-run, "
+                              f"which holds {CHECKPOINT}, or a checkpoint file)")
+    state = load(path)
+    try:
+        network.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing or unexpected keys, or a tensor of another shape
+        lines = [line.strip().rstrip(".") for line in str(error).splitlines()]
+        details = "; ".join(lines[1:3]) or lines[0]  # below torch's heading "Error(s) in loading state_dict for"
+        raise CheckpointError(f"init_from={source}: its weights do not fit this model ({details}): give a run of "
+                              f"the same model") from None
+    return {"path": str(path.resolve()), "epoch": state["epoch"], "step": state.get("step")}

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from sam_runner.errors import SamRunnerError, describe_unforeseen
 from sam_runner.run import resume, rundir, stopping
 from sam_runner.run.build import build_run
-from sam_runner.run.checkpoint import write_json_atomic
+from sam_runner.run.checkpoint import initial_weights, write_json_atomic
 from sam_runner.run.hyperparameters import HyperParameters
 from sam_runner.run.logbook import Logbook, Stopwatch, write_run_info
 from sam_runner.run.loop import fit
@@ -61,9 +61,12 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
     written before the run is built and restored: a refusal leaves the run directory as it was."""
     device = team.device
     clock = Stopwatch(state["clock"] if state else None)
-    # Whatever can refuse (the build, a checkpoint that does not fit the model) refuses before a record changes.
+    # Whatever can refuse (the build, a checkpoint or init_from's weights that do not fit the model) refuses before
+    # a record changes.
     run = build_run(spec, team, run_dir, clock, stop)
     progress = resume.restore(run, state) if state else Progress()
+    source = spec.settings.init_from
+    initialized = initial_weights(Path(source), run.network) if source is not None and not state else None
     ddp = spec.settings.ddp
     hparams = {**HyperParameters.of(spec, steps_budget=run.plan.total_steps).record(),
                **distributed.describe_world(team.world, sam_mode=ddp.sam_mode, sync_batchnorm=ddp.sync_batchnorm,
@@ -83,6 +86,10 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
                      progress.step)
         else:
             summary.update(target_reached=False if run.plan.has_target else None)
+            if initialized is not None:
+                summary["init_source"] = initialized
+                log.info("initialized from %s (epoch %d, step %s of its run)", initialized["path"],
+                         initialized["epoch"], initialized["step"])
         logbook.write_summary(summary)
         log.info("%s | %s | %s on %s (%s) | %d parameters | %d steps/epoch | %s -> %s", hparams["dataset"],
                  hparams["model"], _optimizer_label(hparams), device, spec.precision,

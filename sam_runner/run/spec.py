@@ -86,6 +86,7 @@ class Settings:
     max_grad_norm: Optional[float] = None
     progress_every: int = 25
     resume: bool = True
+    init_from: Optional[str] = None
     jobs_per_gpu: int = 1
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
