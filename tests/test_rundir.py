@@ -135,7 +135,7 @@ def test_a_resumed_logbook_cuts_metrics_back_to_whole_lines(tmp_path: Path, capl
                             (lines[0] + lines[1][:9], len(lines[0]) + len(lines[1]))):
         metrics.write_text(written)
         logbook = Logbook(tmp_path, {}, metrics_offset=offset)
-        logbook.log_epoch(9, 36, {"train/loss_seen": 0.5})
+        logbook.log_metrics(9, 36, {"train/loss_seen": 0.5})
         logbook.close({})
         assert [line["epoch"] for line in strict_lines(metrics)] == ([1, 2, 9] if len(written) > offset else [1, 9])
     assert [record.getMessage().split(": ", 1)[1] for record in caplog.records] == [

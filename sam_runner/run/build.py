@@ -294,5 +294,6 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
                     micro_batch_size=micro_batch_size,
                     measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
                         plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None,
-                        every=settings.sharpness.every)),
+                        every=settings.sharpness.every, every_steps=settings.sharpness.every_steps,
+                        total_steps=plan.total_steps)),
                     clock=clock, stop=stop, team=team, run_dir=run_dir)

@@ -166,9 +166,9 @@ class Logbook:
         the run with a record that says so."""
         return SummaryWriter(log_dir=str(self.run_dir), purge_step=self._purge_step)
 
-    def log_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> int:
-        """One line of metrics.jsonl and one TensorBoard scalar per metric, at the global step. Returns the size
-        of metrics.jsonl, which a checkpoint records."""
+    def log_metrics(self, epoch: int, step: int, metrics: dict[str, float]) -> int:
+        """One line of metrics.jsonl (an epoch's, or a measurement's within one) and one TensorBoard scalar per
+        metric, at the global step. Returns the size of metrics.jsonl, which a checkpoint records."""
         for tag, value in metrics.items():
             self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()

@@ -47,7 +47,7 @@ def fit(run: Training, logbook: Logbook, summary: dict[str, Any], progress: Prog
     with logging_redirect_tqdm():
         for epoch in epochs:
             with clock("train"):
-                seen = train_epoch(run, progress, summary)
+                seen = train_epoch(run, logbook, progress, summary)
             train_time = clock.total("train") - progress.epoch_train_start_s
             step = progress.step
             # the samples the epoch trained on: its last batch is partial, and a batch may exceed the data set
@@ -69,13 +69,14 @@ def fit(run: Training, logbook: Logbook, summary: dict[str, Any], progress: Prog
             if diverged:
                 summary.update(status=Status.DIVERGED.value, error=f"non-finite training loss in epoch {epoch + 1} "
                                                         f"(steps {step - plan.batches_in(epoch) + 1}-{step})")
-            every = run.settings.sharpness.every
-            if run.measures and not diverged and (ending or (every and (epoch + 1) % every == 0)):
+            every, every_steps = run.settings.sharpness.every, run.settings.sharpness.every_steps
+            if run.measures and not diverged and (ending or (every and (epoch + 1) % every == 0)
+                                                  or (every_steps and step % every_steps == 0)):
                 save_checkpoint(run, progress, summary)  # the epoch is safe before the (possibly long) measurement
                 record = _measure_unless_stopped(run, epoch + 1, step)
                 add_measurement(summary, record)
                 metrics.update({f"sharpness/{name}": value for name, value in record["values"].items()})
-            progress.metrics_offset, progress.logged_step = logbook.log_epoch(epoch + 1, step, metrics), step
+            progress.metrics_offset, progress.logged_step = logbook.log_metrics(epoch + 1, step, metrics), step
             progress.next_epoch(clock.total("train"), ended=ending)
             if not diverged and (ending or plan.checkpoints_after(epoch)):  # never overwrite the last finite weights
                 save_checkpoint(run, progress, summary)
@@ -88,16 +89,18 @@ def fit(run: Training, logbook: Logbook, summary: dict[str, Any], progress: Prog
                 break
 
 
-def train_epoch(run: Training, progress: Progress, summary: dict[str, Any]) -> dict[str, float]:
+def train_epoch(run: Training, logbook: Logbook, progress: Progress, summary: dict[str, Any]) -> dict[str, float]:
     """Train epoch `progress.epoch` from batch `progress.batch` on (a continued run skips what it trained): the
     shuffled, augmented training set, or the plan's share of it in the last epoch of a step budget.
 
-    Between steps it writes the checkpoints due every `checkpoint.every_steps`, and honours a stop request
-    (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C) with a checkpoint and `RunStopped`. Returns the statistics seen while
-    training.
+    Between steps it writes the checkpoints due every `checkpoint.every_steps`, measures sharpness every
+    `sharpness.every_steps`, and honours a stop request (SIGTERM, SIGUSR1, SIGUSR2, Ctrl-C) with a checkpoint and
+    `RunStopped`. Returns the statistics seen while training.
     """
-    run.model.train()
     total = run.plan.batches_in(progress.epoch)
+    if _measurement_due_within(run, progress, total):  # a continued run that stopped at (or in) this measurement
+        _measure_within(run, logbook, progress, summary)
+    run.model.train()
     batches = islice(run.data.train.epoch(progress.epoch, start_batch=progress.batch), total - progress.batch)
     bar = tqdm(batches, initial=progress.batch, total=total, desc=f"epoch {progress.epoch + 1}",
                disable=not SHOW_PROGRESS, leave=False)
@@ -115,10 +118,34 @@ def train_epoch(run: Training, progress: Progress, summary: dict[str, Any]) -> d
         if run.team.stop_requested(run.stop):
             save_checkpoint(run, progress, summary)
             raise run.stop.stopped(progress.step)
-        if every_steps and progress.step % every_steps == 0 and progress.batch < total:
+        checkpoint_due = bool(every_steps) and progress.step % every_steps == 0 and progress.batch < total
+        measurement_due = _measurement_due_within(run, progress, total)
+        if checkpoint_due or measurement_due:  # the position is safe before a (possibly long) measurement
             save_checkpoint(run, progress, summary)
+        if measurement_due:
+            _measure_within(run, logbook, progress, summary)  # leaves the modules' train/eval modes as they were
     run.team.sync_buffers(run.model)  # rank 0's BatchNorm statistics everywhere, for evaluation and measures
     return run.team.combined(progress.totals).means()
+
+
+def _measurement_due_within(run: Training, progress: Progress, total: int) -> bool:
+    """Whether `sharpness.every_steps` asks for a measurement after this step, within the epoch (one at the epoch's
+    end is the epoch loop's)."""
+    every_steps = run.settings.sharpness.every_steps
+    return (bool(run.measures) and bool(every_steps) and 0 < progress.batch < total
+            and progress.step % every_steps == 0)
+
+
+def _measure_within(run: Training, logbook: Logbook, progress: Progress, summary: dict[str, Any]) -> None:
+    """A measurement between two steps of an epoch: in summary.json's `measurements`, and in a metrics.jsonl line
+    of its own (the epoch in progress, the step, its sharpness/* values) and TensorBoard at that step. The
+    checkpoint before it is written, so a continued run cuts that line back and measures again."""
+    record = _measure_unless_stopped(run, progress.epoch + 1, progress.step)
+    add_measurement(summary, record)
+    values = {f"sharpness/{name}": value for name, value in record["values"].items()}
+    progress.metrics_offset = logbook.log_metrics(progress.epoch + 1, progress.step, values)
+    progress.logged_step = progress.step
+    logbook.write_summary(summary)
 
 
 def _measure_unless_stopped(run: Training, epoch: int, step: int) -> dict[str, Any]:

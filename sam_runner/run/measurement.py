@@ -38,11 +38,13 @@ def measures_for(model: nn.Module, settings: Settings, batches: list[tuple[torch
     return choice
 
 
-def training_passes(epochs: float, num_train: int, *, sam: bool, every: int) -> float:
+def training_passes(epochs: float, num_train: int, *, sam: bool, every: int, every_steps: int | None = None,
+                    total_steps: int = 0) -> float:
     """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM) per
-    measurement it takes: one every `every` epochs (sharpness.every) and one at the end, so `auto` weighs each
-    measurement against its share of the training."""
-    measurements = math.ceil(epochs / every) if every else 1
+    measurement it takes: one every `every` epochs (sharpness.every), one every `every_steps` of its `total_steps`
+    (sharpness.every_steps) and one at the end, so `auto` weighs each measurement against its share of the
+    training."""
+    measurements = (math.ceil(epochs / every) if every else 1) + (total_steps // every_steps if every_steps else 0)
     return epochs * num_train * (4 if sam else 2) / measurements
 
 

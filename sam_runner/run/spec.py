@@ -59,6 +59,7 @@ class SharpnessSettings:
     measures: Any = "auto"
     rho: float = 0.05
     every: int = 0
+    every_steps: Optional[int] = None
     num_samples: int = 1024
     batch_size: int = 256
     options: Any = None
@@ -197,6 +198,8 @@ def validate(cfg: DictConfig) -> Settings:
              f"eval.train_subset must be > 0 or null (got {top.eval.train_subset})")
     _require(top.sharpness.rho > 0, f"sharpness.rho must be > 0 (got {top.sharpness.rho})")
     _require(top.sharpness.every >= 0, f"sharpness.every must be >= 0 epochs (got {top.sharpness.every})")
+    _require(top.sharpness.every_steps is None or top.sharpness.every_steps > 0,
+             f"sharpness.every_steps must be >= 1 optimizer step or null (got {top.sharpness.every_steps})")
     _require(top.sharpness.num_samples > 0, f"sharpness.num_samples must be > 0 (got {top.sharpness.num_samples})")
     _require(top.sharpness.batch_size > 0, f"sharpness.batch_size must be > 0 (got {top.sharpness.batch_size})")
     sharpness_measures(top.sharpness.measures)

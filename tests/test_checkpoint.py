@@ -1,0 +1,66 @@
+"""Starting from another run's weights (`init_from`, run/checkpoint.py's `initial_weights`): exactly its weights and
+nothing else of it, recorded, and a model they do not fit refused in one line before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, read_json, run_cli
+from test_rundir import composed, one_line
+
+from sam_runner.errors import CheckpointError
+from sam_runner.models import mlp
+from sam_runner.run import experiment
+from sam_runner.run.checkpoint import initial_weights
+
+SHORT = [*TINY, "epochs=1", "sharpness.measures=[]"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture
+def source(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A finished SGD run to start from."""
+    experiment.run_experiment(composed(workdir, monkeypatch, [*SHORT, "seed=7"]), workdir / "source")
+    return workdir / "source"
+
+
+def test_a_run_starts_from_exactly_the_source_weights_and_records_them(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, source: Path) -> None:
+    """lr = 1e-30 moves no float32 weight: the run's last weights are the source's, bit for bit, and not those
+    of its own seed's initialization; the optimizer (SAM here, the source's SGD) starts afresh."""
+    tiny_lr = [*SHORT, "optimizer=sam", "lr=1e-30"]
+    experiment.run_experiment(composed(workdir, monkeypatch, [*tiny_lr, "init_from=source"]), workdir / "run")
+    experiment.run_experiment(composed(workdir, monkeypatch, tiny_lr), workdir / "fresh")
+    for name, tensor in weights(source).items():
+        assert torch.equal(weights(workdir / "run")[name], tensor), name
+    assert any(not torch.equal(weights(workdir / "fresh")[name], tensor) for name, tensor in weights(source).items())
+    summary = read_json(workdir / "run" / "summary.json")
+    assert summary["init_from"] == "source" and summary["optimizer"] == "sam"
+    assert summary["init_source"] == {"path": str((source / "checkpoints" / "last.pt").resolve()), "epoch": 1,
+                                      "step": 4}
+    assert read_json(workdir / "run" / "run.json")["config"]["init_from"] == "source"
+    assert read_json(workdir / "fresh" / "summary.json")["init_from"] is None
+
+
+def test_initial_weights_take_a_checkpoint_file_and_refuse_what_does_not_fit(source: Path) -> None:
+    model = mlp(num_classes=10, input_shape=(1, 40))
+    initial_weights(source / "checkpoints" / "last.pt", model)
+    for name, tensor in weights(source).items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    with pytest.raises(CheckpointError, match=r"its weights do not fit this model \(size mismatch for "):
+        initial_weights(source, mlp(num_classes=10, input_shape=(1, 40), hidden=[7, 7]))
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        initial_weights(source / "nothing", model)
+
+
+def test_a_model_the_weights_do_not_fit_is_one_line_and_exit_2_with_nothing_written(
+        workdir: Path, source: Path) -> None:
+    result = run_cli("sam-run", *SHORT, "model.hidden=[7]", "init_from=source", "hydra.run.dir=run", cwd=workdir)
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith("sam-run: error: init_from=source: its weights do not fit this model")
+    assert not (workdir / "run").exists()

@@ -1,0 +1,71 @@
+"""The training loop (run/loop.py), in process: sharpness measured every `sharpness.every_steps` optimizer steps, within
+epochs and at their ends, without changing the training, and continued exactly after a stop or a kill inside such a
+measurement."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TINY, read_json
+from test_resume import assert_same_run, metric_lines
+from test_rundir import composed, strict_lines
+
+from sam_runner.run import experiment, loop
+from sam_runner.run.stopping import RunStopped
+
+# TINY is 2 epochs of 4 steps; lambda_max alone keeps each measurement short.
+EVERY_3_STEPS = [*TINY, "epochs=3", "sharpness.measures=[lambda_max]", "sharpness.every_steps=3"]
+
+
+def test_every_steps_measures_within_and_at_the_end_of_epochs_without_changing_the_training(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps 3, 6 and 9 fall within epochs (a line of their own), 12 is the last epoch's end (in its line)."""
+    experiment.run_experiment(composed(workdir, monkeypatch, EVERY_3_STEPS), workdir / "measured")
+    experiment.run_experiment(composed(workdir, monkeypatch, [*EVERY_3_STEPS, "sharpness.every_steps=null"]),
+                              workdir / "plain")
+    summary = read_json(workdir / "measured" / "summary.json")
+    assert [(record["epoch"], record["step"]) for record in summary["measurements"]] == [(1, 3), (2, 6), (3, 9),
+                                                                                          (3, 12)]
+    lines = strict_lines(workdir / "measured" / "metrics.jsonl")
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 3), (1, 4), (2, 6), (2, 8), (3, 9), (3, 12)]
+    within = [line for line in lines if line["step"] in (3, 6, 9)]
+    assert all(set(line) == {"epoch", "step", "sharpness/lambda_max", "sharpness/lambda_max_iterations"}
+               for line in within)
+    assert [line["sharpness/lambda_max"] for line in within] == [record["values"]["lambda_max"]
+                                                                  for record in summary["measurements"][:3]]
+    epochs = [line for line in metric_lines(workdir / "measured") if "train/loss_seen" in line]
+    plain = metric_lines(workdir / "plain")
+    assert [{key: value for key, value in line.items() if not key.startswith("sharpness/")} for line in epochs] == [
+        {key: value for key, value in line.items() if not key.startswith("sharpness/")} for line in plain]
+
+
+@pytest.mark.parametrize("ending", ["stopped", "killed"])
+def test_a_run_stopped_or_killed_inside_a_measurement_within_an_epoch_continues_exactly(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    """SIGTERM (a pre-empted job) or a kill -9 while step 6 is measured, in epoch 2: the checkpoint before the
+    measurement is written, the continued run measures step 6 again and ends as the run that was never stopped."""
+    cfg = composed(workdir, monkeypatch, EVERY_3_STEPS)
+    experiment.run_experiment(cfg, workdir / "reference")
+    measure = loop.take_measurement
+
+    def interrupted(*args: Any, step: int, **kwargs: Any) -> dict[str, Any]:
+        if step == 6:
+            if ending == "killed":
+                raise SystemExit(137)  # as `kill -9`: nothing of the run's own handling runs
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run: it stops at the measurement's next pass
+        return measure(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(loop, "take_measurement", interrupted)
+    with pytest.raises(RunStopped if ending == "stopped" else SystemExit):
+        experiment.run_experiment(cfg, workdir / "run")
+    summary = read_json(workdir / "run" / "summary.json")
+    assert summary["status"] == ("preempted" if ending == "stopped" else "running")
+    assert [record["step"] for record in summary.get("measurements", [])] == [3]
+    monkeypatch.setattr(loop, "take_measurement", measure)
+    experiment.run_experiment(cfg, workdir / "run")
+    assert_same_run(workdir / "run", workdir / "reference")
+    assert [line["step"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [3, 4, 6, 8, 9, 12]
