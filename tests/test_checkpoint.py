@@ -22,10 +22,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-@pytest.fixture
-def source(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished SGD run to start from."""
-    experiment.run_experiment(composed(workdir, monkeypatch, [*SHORT, "seed=7"]), workdir / "source")
+    workdir = tmp_path_factory.mktemp("source")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        experiment.run_experiment(composed(workdir, monkeypatch, [*SHORT, "seed=7"]), workdir / "source")
     return workdir / "source"
 
 
@@ -34,16 +36,16 @@ def test_a_run_starts_from_exactly_the_source_weights_and_records_them(
     """lr = 1e-30 moves no float32 weight: the run's last weights are the source's, bit for bit, and not those
     of its own seed's initialization; the optimizer (SAM here, the source's SGD) starts afresh."""
     tiny_lr = [*SHORT, "optimizer=sam", "lr=1e-30"]
-    experiment.run_experiment(composed(workdir, monkeypatch, [*tiny_lr, "init_from=source"]), workdir / "run")
+    experiment.run_experiment(composed(workdir, monkeypatch, [*tiny_lr, f"init_from={source}"]), workdir / "run")
     experiment.run_experiment(composed(workdir, monkeypatch, tiny_lr), workdir / "fresh")
     for name, tensor in weights(source).items():
         assert torch.equal(weights(workdir / "run")[name], tensor), name
     assert any(not torch.equal(weights(workdir / "fresh")[name], tensor) for name, tensor in weights(source).items())
     summary = read_json(workdir / "run" / "summary.json")
-    assert summary["init_from"] == "source" and summary["optimizer"] == "sam"
+    assert summary["init_from"] == str(source) and summary["optimizer"] == "sam"
     assert summary["init_source"] == {"path": str((source / "checkpoints" / "last.pt").resolve()), "epoch": 1,
                                       "step": 4}
-    assert read_json(workdir / "run" / "run.json")["config"]["init_from"] == "source"
+    assert read_json(workdir / "run" / "run.json")["config"]["init_from"] == str(source)
     assert read_json(workdir / "fresh" / "summary.json")["init_from"] is None
 
 
@@ -60,7 +62,7 @@ def test_initial_weights_take_a_checkpoint_file_and_refuse_what_does_not_fit(sou
 
 def test_a_model_the_weights_do_not_fit_is_one_line_and_exit_2_with_nothing_written(
         workdir: Path, source: Path) -> None:
-    result = run_cli("sam-run", *SHORT, "model.hidden=[7]", "init_from=source", "hydra.run.dir=run", cwd=workdir)
+    result = run_cli("sam-run", *SHORT, "model.hidden=[7]", f"init_from={source}", "hydra.run.dir=run", cwd=workdir)
     assert result.returncode == 2
-    assert one_line(result.stderr).startswith("sam-run: error: init_from=source: its weights do not fit this model")
+    assert one_line(result.stderr).startswith(f"sam-run: error: init_from={source}: its weights do not fit this model")
     assert not (workdir / "run").exists()
