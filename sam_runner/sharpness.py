@@ -40,6 +40,10 @@ class MeasureError(ConfigError, ValueError):
     """An unknown measure or option, or a value out of range: a config problem the user fixes."""
 
 
+class NotFinite(MeasureError):
+    """The weights, or the loss at them, are not finite (a diverged run): sharpness is undefined there."""
+
+
 class MeasurementStopped(Exception):
     """`measure`'s `should_stop` asked it to stop; the weights are back as they were, no value was computed."""
 
@@ -212,8 +216,8 @@ def measure(
     try:
         with torch.enable_grad(), _eager():
             if not bool(torch.isfinite(landscape.w).all()) or not math.isfinite(landscape.loss()):
-                raise MeasureError("the weights or the loss at them are not finite (a diverged run?): sharpness "
-                                   "is undefined there; measure an earlier checkpoint")
+                raise NotFinite("the weights or the loss at them are not finite (a diverged run?): sharpness "
+                                "is undefined there; measure an earlier checkpoint")
             for name in sorted(names, key=lambda name: name == "keskar"):  # keskar last: it reuses v1 if known
                 landscape.bar.set_description(f"sharpness/{name}")
                 results.update(_MEASURE_FUNCTIONS[name](landscape))

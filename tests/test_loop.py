@@ -69,3 +69,13 @@ def test_a_run_stopped_or_killed_inside_a_measurement_within_an_epoch_continues_
     experiment.run_experiment(cfg, workdir / "run")
     assert_same_run(workdir / "run", workdir / "reference")
     assert [line["step"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [3, 4, 6, 8, 9, 12]
+
+
+def test_a_run_that_diverges_within_an_epoch_is_recorded_diverged_not_failed_by_its_measurement(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharpness is undefined at non-finite weights: the measurements due within the epoch are skipped, and the
+    epoch's end records the divergence."""
+    summary = experiment.run_experiment(composed(workdir, monkeypatch, [*EVERY_3_STEPS, "lr=1e12",
+                                                                         "sharpness.every_steps=1"]), workdir / "run")
+    assert summary["status"] == "diverged", summary.get("error")
+    assert read_json(workdir / "run" / "summary.json")["status"] == "diverged"

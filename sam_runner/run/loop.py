@@ -27,7 +27,7 @@ from sam_runner.run.plan import RunPlan, at_chance
 from sam_runner.run.progress import Progress
 from sam_runner.run.status import Status
 from sam_runner.scale import distributed
-from sam_runner.sharpness import MeasurementStopped
+from sam_runner.sharpness import MeasurementStopped, NotFinite
 
 log = logging.getLogger("sam_runner")
 
@@ -140,7 +140,11 @@ def _measure_within(run: Training, logbook: Logbook, progress: Progress, summary
     """A measurement between two steps of an epoch: in summary.json's `measurements`, and in a metrics.jsonl line
     of its own (the epoch in progress, the step, its sharpness/* values) and TensorBoard at that step. The
     checkpoint before it is written, so a continued run cuts that line back and measures again."""
-    record = _measure_unless_stopped(run, progress.epoch + 1, progress.step)
+    try:
+        record = _measure_unless_stopped(run, progress.epoch + 1, progress.step)
+    except NotFinite:  # diverged: the epoch's end records it
+        log.warning("step %d: no sharpness measurement: the weights or the loss are not finite", progress.step)
+        return
     add_measurement(summary, record)
     values = {f"sharpness/{name}": value for name, value in record["values"].items()}
     progress.metrics_offset = logbook.log_metrics(progress.epoch + 1, progress.step, values)
