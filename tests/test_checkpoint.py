@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, read_json, run_cli
-from test_rundir import composed, one_line
+from conftest import TINY, read_json, run_cli, run_in_process
+from test_rundir import one_line
 
 from sam_runner.errors import CheckpointError
 from sam_runner.models import mlp
-from sam_runner.run import experiment
 from sam_runner.run.checkpoint import initial_weights
 
 SHORT = [*TINY, "epochs=1", "sharpness.measures=[]"]
@@ -27,8 +26,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished SGD run to start from."""
     workdir = tmp_path_factory.mktemp("source")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        experiment.run_experiment(composed(workdir, monkeypatch, [*SHORT, "seed=7"]), workdir / "source")
-    return workdir / "source"
+        return run_in_process(workdir, monkeypatch, *SHORT, "seed=7", run_dir="source")
 
 
 def test_a_run_starts_from_exactly_the_source_weights_and_records_them(
@@ -36,8 +34,8 @@ def test_a_run_starts_from_exactly_the_source_weights_and_records_them(
     """lr = 1e-30 moves no float32 weight: the run's last weights are the source's, bit for bit, and not those
     of its own seed's initialization; the optimizer (SAM here, the source's SGD) starts afresh."""
     tiny_lr = [*SHORT, "optimizer=sam", "lr=1e-30"]
-    experiment.run_experiment(composed(workdir, monkeypatch, [*tiny_lr, f"init_from={source}"]), workdir / "run")
-    experiment.run_experiment(composed(workdir, monkeypatch, tiny_lr), workdir / "fresh")
+    run_in_process(workdir, monkeypatch, *tiny_lr, f"init_from={source}")
+    run_in_process(workdir, monkeypatch, *tiny_lr, run_dir="fresh")
     for name, tensor in weights(source).items():
         assert torch.equal(weights(workdir / "run")[name], tensor), name
     assert any(not torch.equal(weights(workdir / "fresh")[name], tensor) for name, tensor in weights(source).items())

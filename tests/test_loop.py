@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY, read_json
+from conftest import TINY, composed, read_json, run_in_process
 from test_resume import assert_same_run, metric_lines
-from test_rundir import composed, strict_lines
+from test_rundir import strict_lines
 
 from sam_runner.run import experiment, loop
 from sam_runner.run.stopping import RunStopped
@@ -24,9 +24,8 @@ EVERY_3_STEPS = [*TINY, "epochs=3", "sharpness.measures=[lambda_max]", "sharpnes
 def test_every_steps_measures_within_and_at_the_end_of_epochs_without_changing_the_training(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps 3, 6 and 9 fall within epochs (a line of their own), 12 is the last epoch's end (in its line)."""
-    experiment.run_experiment(composed(workdir, monkeypatch, EVERY_3_STEPS), workdir / "measured")
-    experiment.run_experiment(composed(workdir, monkeypatch, [*EVERY_3_STEPS, "sharpness.every_steps=null"]),
-                              workdir / "plain")
+    run_in_process(workdir, monkeypatch, *EVERY_3_STEPS, run_dir="measured")
+    run_in_process(workdir, monkeypatch, *EVERY_3_STEPS, "sharpness.every_steps=null", run_dir="plain")
     summary = read_json(workdir / "measured" / "summary.json")
     assert [(record["epoch"], record["step"]) for record in summary["measurements"]] == [(1, 3), (2, 6), (3, 9),
                                                                                           (3, 12)]
@@ -48,8 +47,7 @@ def test_a_run_stopped_or_killed_inside_a_measurement_within_an_epoch_continues_
         workdir: Path, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
     """SIGTERM (a pre-empted job) or a kill -9 while step 6 is measured, in epoch 2: the checkpoint before the
     measurement is written, the continued run measures step 6 again and ends as the run that was never stopped."""
-    cfg = composed(workdir, monkeypatch, EVERY_3_STEPS)
-    experiment.run_experiment(cfg, workdir / "reference")
+    run_in_process(workdir, monkeypatch, *EVERY_3_STEPS, run_dir="reference")
     measure = loop.take_measurement
 
     def interrupted(*args: Any, step: int, **kwargs: Any) -> dict[str, Any]:
@@ -61,12 +59,12 @@ def test_a_run_stopped_or_killed_inside_a_measurement_within_an_epoch_continues_
 
     monkeypatch.setattr(loop, "take_measurement", interrupted)
     with pytest.raises(RunStopped if ending == "stopped" else SystemExit):
-        experiment.run_experiment(cfg, workdir / "run")
+        run_in_process(workdir, monkeypatch, *EVERY_3_STEPS)
     summary = read_json(workdir / "run" / "summary.json")
     assert summary["status"] == ("preempted" if ending == "stopped" else "running")
     assert [record["step"] for record in summary.get("measurements", [])] == [3]
     monkeypatch.setattr(loop, "take_measurement", measure)
-    experiment.run_experiment(cfg, workdir / "run")
+    run_in_process(workdir, monkeypatch, *EVERY_3_STEPS)
     assert_same_run(workdir / "run", workdir / "reference")
     assert [line["step"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [3, 4, 6, 8, 9, 12]
 
@@ -75,7 +73,7 @@ def test_a_run_that_diverges_within_an_epoch_is_recorded_diverged_not_failed_by_
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sharpness is undefined at non-finite weights: the measurements due within the epoch are skipped, and the
     epoch's end records the divergence."""
-    summary = experiment.run_experiment(composed(workdir, monkeypatch, [*EVERY_3_STEPS, "lr=1e12",
-                                                                         "sharpness.every_steps=1"]), workdir / "run")
+    cfg, choices = composed(workdir, monkeypatch, [*EVERY_3_STEPS, "lr=1e12", "sharpness.every_steps=1"])
+    summary = experiment.run_experiment(cfg, workdir / "run", choices=choices)
     assert summary["status"] == "diverged", summary.get("error")
     assert read_json(workdir / "run" / "summary.json")["status"] == "diverged"

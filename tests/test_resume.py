@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import BIN, TINY, read_json, run_cli
+from conftest import BIN, TINY, read_json, run_cli, run_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # Long enough to be killed inside training (32 steps an epoch, a checkpoint every 4 steps), with BatchNorm
@@ -314,15 +314,9 @@ def test_the_stopwatch_counts_a_nested_phase_once_and_carries_over_a_resume(monk
 def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_measures_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In process: the measurement is where the end of a run spends its time, so a kill lands there often."""
-    from hydra import compose, initialize_config_dir
+    from sam_runner.run import loop
 
-    from sam_runner.cli.preflight import CONFIG_DIR
-    from sam_runner.run import experiment, loop
-
-    monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=TINY)
-    experiment.run_experiment(cfg, tmp_path / "reference")
+    run_in_process(tmp_path, monkeypatch, *TINY, run_dir="reference")
     measure = loop.take_measurement
 
     def killed(*args: Any, **kwargs: Any) -> None:
@@ -330,13 +324,13 @@ def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_me
 
     monkeypatch.setattr(loop, "take_measurement", killed)
     with pytest.raises(SystemExit):
-        experiment.run_experiment(cfg, tmp_path / "run")
+        run_in_process(tmp_path, monkeypatch, *TINY)
     assert read_json(tmp_path / "run" / "summary.json")["status"] != "completed"
     assert [line["epoch"] for line in metric_lines(tmp_path / "run")] == [1], "the measured epoch is not logged yet"
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert (state["progress"]["epoch"], state["progress"]["batch"], state["epoch"]) == (1, 4, 2)
     monkeypatch.setattr(loop, "take_measurement", measure)
-    experiment.run_experiment(cfg, tmp_path / "run")
+    run_in_process(tmp_path, monkeypatch, *TINY)
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, read_json, run_cli
-from omegaconf import DictConfig
+from conftest import TINY, composed, read_json, run_cli, run_in_process
 from test_resume import in_background
 
 # Written by every attempt (Hydra's log of the command, the lock's holder): not part of the run's records.
@@ -41,17 +40,6 @@ def one_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     return lines[0]
-
-
-def composed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str]) -> DictConfig:
-    """The config `sam-run OVERRIDES` runs, for a run in process in `tmp_path` (the working directory)."""
-    from hydra import compose, initialize_config_dir
-
-    from sam_runner.cli.preflight import CONFIG_DIR
-
-    monkeypatch.chdir(tmp_path)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def preempted(workdir: Path, run_dir: str, *overrides: str) -> None:
@@ -114,8 +102,8 @@ def test_a_run_that_diverges_between_epoch_ends_keeps_a_finite_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sam_runner.run import experiment
 
-    cfg = composed(tmp_path, monkeypatch, [*TINY, "epochs=1", "lr=1e6", "checkpoint.every_steps=1"])
-    summary = experiment.run_experiment(cfg, tmp_path / "run")
+    cfg, choices = composed(tmp_path, monkeypatch, [*TINY, "epochs=1", "lr=1e6", "checkpoint.every_steps=1"])
+    summary = experiment.run_experiment(cfg, tmp_path / "run", choices=choices)
     assert summary["status"] == "diverged"
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
@@ -155,7 +143,7 @@ def test_a_value_derived_from_data_dir_may_change_with_it_and_nothing_else() -> 
 def test_a_run_continues_with_another_data_dir_holding_the_same_data(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed (as by `kill -9`) in its final measurement, in process; continued by `sam-run` from a copy of data/."""
-    from sam_runner.run import experiment, loop
+    from sam_runner.run import loop
 
     def killed(*args: Any, **kwargs: Any) -> None:
         raise SystemExit(137)
@@ -164,7 +152,7 @@ def test_a_run_continues_with_another_data_dir_holding_the_same_data(
                "dataset.source.num_samples=400"]
     monkeypatch.setattr(loop, "take_measurement", killed)
     with pytest.raises(SystemExit):
-        experiment.run_experiment(composed(workdir, monkeypatch, mnist1d), workdir / "run")
+        run_in_process(workdir, monkeypatch, *mnist1d)
     shutil.copytree(workdir / "data", workdir / "moved")
     resumed = run_cli("sam-run", *mnist1d, "data_dir=moved", "hydra.run.dir=run", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr

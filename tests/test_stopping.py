@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import BIN, TINY, read_json, run_cli
+from conftest import BIN, TINY, read_json, run_cli, run_in_process
 from test_experiment import strict_json
 from test_resume import assert_same_run, checkpointed_step, in_background, metric_lines
 
@@ -158,14 +158,8 @@ def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resum
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run killed in its final measurement (in process, as in test_resume) is measured by sam-measure before it
     is continued: the continued run keeps that measurement beside its own."""
-    from hydra import compose, initialize_config_dir
+    from sam_runner.run import loop, rundir
 
-    from sam_runner.cli.preflight import CONFIG_DIR
-    from sam_runner.run import experiment, loop, rundir
-
-    monkeypatch.chdir(workdir)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=TINY)
     measure = loop.take_measurement
 
     def killed(*args: Any, **kwargs: Any) -> None:
@@ -173,7 +167,7 @@ def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resum
 
     monkeypatch.setattr(loop, "take_measurement", killed)
     with pytest.raises(SystemExit):
-        experiment.run_experiment(cfg, workdir / "run")
+        run_in_process(workdir, monkeypatch, *TINY)
     monkeypatch.setattr(loop, "take_measurement", measure)
 
     with rundir.claim(workdir / "run"):  # as a sam-run training there holds it
@@ -188,7 +182,7 @@ def test_sam_measure_refuses_a_run_in_use_and_its_measurement_survives_the_resum
     assert measured.returncode == 0, measured.stderr
     remeasured = read_json(workdir / "run" / "summary.json")["measurements"]
     assert [record["source"] for record in remeasured] == ["sam-measure"]
-    experiment.run_experiment(cfg, workdir / "run")
+    run_in_process(workdir, monkeypatch, *TINY)
     summary = read_json(workdir / "run" / "summary.json")
     assert summary["status"] == "completed"
     assert [record["source"] for record in summary["measurements"]] == ["sam-measure", "sam-run"]
