@@ -1,15 +1,16 @@
 """The batch-size protocol: lr scaling, epoch/step budgets, evaluation and checkpoint intervals, stop targets,
-the chance-level flag and the validation split — as rules, and end to end through the installed `sam-run`."""
+the chance-level flag and the validation split — as rules, and end to end through the run's entry function."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, read_json, run_cli
+from conftest import TINY, read_json, run_in_process
 from hydra import compose, initialize_config_dir
 
 from sam_runner.cli.preflight import CONFIG_DIR
@@ -107,13 +108,11 @@ def test_the_sweeper_objective_is_validation_accuracy_when_there_is_a_split() ->
     assert objective({"status": "failed"}) is None
 
 
-def test_step_budget_sqrt_lr_and_sparse_evaluation_end_to_end(workdir: Path) -> None:
+def test_step_budget_sqrt_lr_and_sparse_evaluation_end_to_end(workdir: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
     """256 samples / batch 64 = 4 steps per epoch; 10 steps = epochs of 4, 4 and 2 batches."""
-    result = run_cli("sam-run", *TINY, "budget=steps", "steps=10", "lr=0.1", "lr_scaling=sqrt",
-                     "lr_reference_batch_size=16", "eval.every=2", "checkpoint.every=5", "scheduler=constant",
-                     "hydra.run.dir=outputs/steps", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    run_dir = workdir / "outputs" / "steps"
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "budget=steps", "steps=10", "lr=0.1", "lr_scaling=sqrt",
+                             "lr_reference_batch_size=16", "eval.every=2", "checkpoint.every=5", "scheduler=constant")
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "completed" and summary["steps_completed"] == 10 == summary["steps_budget"]
     assert summary["epochs_completed"] == 3 and summary["lr"] == pytest.approx(0.2) and summary["lr_base"] == 0.1
@@ -129,11 +128,11 @@ def test_step_budget_sqrt_lr_and_sparse_evaluation_end_to_end(workdir: Path) -> 
     assert summary["at_chance"] is False
 
 
-def test_a_target_ends_the_run_and_sharpness_is_measured_there(workdir: Path) -> None:
-    result = run_cli("sam-run", *TINY, "epochs=30", "stop.train_acc=0.6", "dataset.val_fraction=0.25",
-                     "hydra.run.dir=outputs/target", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    run_dir = workdir / "outputs" / "target"
+def test_a_target_ends_the_run_and_sharpness_is_measured_there(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sam_runner")
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "epochs=30", "stop.train_acc=0.6",
+                             "dataset.val_fraction=0.25")
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "completed" and summary["target_reached"] is True
     assert summary["target_epoch"] == summary["epochs_completed"] < 30 and summary["train_acc"] >= 0.6
@@ -143,4 +142,4 @@ def test_a_target_ends_the_run_and_sharpness_is_measured_there(workdir: Path) ->
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == summary["target_epoch"]
     assert 0 <= summary["val_acc"] <= 1 and summary["val_fraction"] == 0.25
     assert "val/acc" in json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "target reached" in result.stdout
+    assert f"target reached at step {summary['target_step']}" in caplog.text  # the epoch's line on the console
