@@ -2,11 +2,13 @@
 estimate against counted passes, and what `auto` chooses."""
 
 import itertools
+import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, read_json, run_cli
+from conftest import TINY, read_json, run_in_process
 from torch import nn
 from torch.autograd.functional import hessian
 from torch.func import functional_call
@@ -520,14 +522,16 @@ def test_each_measurement_is_weighed_against_its_share_of_the_training():
     assert training_passes(100, 4000, sam=False, every=50) == 400_000  # epochs 50 and 100, the end
 
 
-def test_a_run_logs_what_it_measures_and_records_why(workdir):
-    result = run_cli("sam-run", *TINY, "sharpness.measures=auto", "hydra.run.dir=outputs/auto", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    log = (workdir / "outputs" / "auto" / "sam-run.log").read_text()
+def test_a_run_logs_what_it_measures_and_records_why(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The lines of the run's log (sam-run writes them to its sam-run.log), read from the logger in process."""
+    caplog.set_level(logging.INFO, logger="sam_runner")
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "sharpness.measures=auto")
+    log = caplog.text
     assert "sharpness.measures auto: ascent (" in log and "on the cpu" in log
     before = log.index("sharpness at epoch 2, step 8: measuring ascent on 128 samples; estimate: at most 3 forward "
                        "and 1 backward batch passes (1 batches of <= 256)")
     assert before < log.index("sharpness at epoch 2, step 8 (")  # announced before it starts, then its result
-    record = read_json(workdir / "outputs" / "auto" / "summary.json")["measurements"][-1]
+    record = read_json(run_dir / "summary.json")["measurements"][-1]
     assert record["measures"] == ["ascent"] and "dropped" in record["chosen_by"]
     assert record["estimated_passes"] == {"forward": 3, "backward": 1}
