@@ -6,6 +6,8 @@ import pickle
 import random
 import subprocess
 import sys
+import textwrap
+import uuid
 from pathlib import Path
 from urllib.error import URLError
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_json, run_in_process
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
@@ -210,6 +213,41 @@ def test_infer_num_classes_rejects_negative_labels():
     assert data.infer_num_classes(torch.tensor([0, 4, 2])) == 5
     with pytest.raises(DataError):
         data.infer_num_classes(torch.tensor([-1, 0]))
+
+
+def test_plugin_dataset_and_model_through_target(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plug-in is a module on the path, named for this test alone: no other test imports it from sys.modules."""
+    plugin = f"plugin_{uuid.uuid4().hex}"
+    (workdir / f"{plugin}.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from torch.utils.data import TensorDataset
+
+        class Pairs(TensorDataset):
+            def __getitem__(self, index):
+                x, y = super().__getitem__(index)
+                return x, int(y)
+
+        def make_data(size=96):
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(size, 6, generator=generator)
+            y = (x[:, 0] > 0).long()
+            return Pairs(x[:64], y[:64]), Pairs(x[64:], y[64:])
+
+        class Net(nn.Module):
+            def __init__(self, num_classes, input_shape, hidden=8):
+                super().__init__()
+                self.body = nn.Sequential(nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+            def forward(self, x):
+                return self.body(x)
+    """))
+    monkeypatch.syspath_prepend(workdir)
+    run_dir = run_in_process(workdir, monkeypatch, "dataset=custom", f"dataset.source._target_={plugin}.make_data",
+                             "model=custom", f"model._target_={plugin}.Net", "+model.hidden=4", "epochs=1",
+                             "batch_size=16", "sharpness.measures=[]")
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "completed" and summary["model"] == "custom"
 
 
 # ----------------------------------------------------------------------------------------------- BatchStream

@@ -1,9 +1,10 @@
 """The training loop (run/loop.py), in process: sharpness measured every `sharpness.every_steps` optimizer steps, within
 epochs and at their ends, without changing the training, and continued exactly after a stop or a kill inside such a
-measurement."""
+measurement; every `sharpness.every` epochs; images/s counts the samples trained."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -77,3 +78,20 @@ def test_a_run_that_diverges_within_an_epoch_is_recorded_diverged_not_failed_by_
     summary = experiment.run_experiment(cfg, workdir / "run", choices=choices)
     assert summary["status"] == "diverged", summary.get("error")
     assert read_json(workdir / "run" / "summary.json")["status"] == "diverged"
+
+
+def test_sharpness_every_epoch_is_logged_for_each_epoch(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "epochs=3", "sharpness.every=1",
+                             "sharpness.measures=[ascent]")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert all("sharpness/ascent" in line for line in lines)
+    summary = read_json(run_dir / "summary.json")
+    assert summary["sharpness"]["ascent"] == lines[-1]["sharpness/ascent"]
+
+
+def test_images_per_second_counts_the_samples_trained_not_the_batch_size(workdir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "batch_size=1000", "epochs=1", "sharpness.measures=[]")
+    metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["opt/images_per_s"] * metrics["opt/epoch_time_s"] == pytest.approx(256)  # TINY's training set

@@ -1,12 +1,16 @@
-"""train_step against hand computations: SAM update, m-sharpness, clipping, BatchNorm statistics, AMP."""
+"""train_step against hand computations: SAM update, m-sharpness, clipping, BatchNorm statistics, AMP; and runs
+that train with it end to end (mixed precision, BatchNorm with augmentation)."""
 
 import contextlib
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, read_json, run_in_process
 from torch import nn
 
 from sam_runner import steps
@@ -357,3 +361,29 @@ def test_autocast_on_cpu_close_to_fp32():
 def test_autocast_on_cuda_close_to_fp32():
     _autocast_close_to_fp32("cuda", torch.bfloat16, None)
     _autocast_close_to_fp32("cuda", torch.float16, torch.amp.GradScaler("cuda"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_sam_run_learns_on_the_cpu(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   precision: str) -> None:
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "optimizer=sam", f"precision={precision}",
+                             "sharpness.measures=[]")
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "completed" and summary["precision"] == precision
+    assert summary["train_acc"] > 0.5  # ten easy synthetic classes: a broken AMP step would stay near 0.1
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("opt/skipped_steps" in last) == (precision == "fp16")
+
+
+def test_image_model_with_batchnorm_and_augmentation_trains_under_sam(workdir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = run_in_process(workdir, monkeypatch, "dataset=synthetic", "dataset.source.input_shape=[3,32,32]",
+                             "dataset.source.num_train=128", "dataset.source.num_test=64",
+                             "dataset.augment={crop_padding:4,horizontal_flip:true}", "model=keskar_c1",
+                             "optimizer=sam", "epochs=1", "batch_size=64", "sharpness.measures=[ascent]",
+                             "sharpness.num_samples=64")
+    assert read_json(run_dir / "summary.json")["status"] == "completed"
+    metrics = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert metrics["opt/perturbation_norm"] == pytest.approx(0.05, rel=1e-4)  # ||eps|| = rho
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert any(key.endswith("running_mean") for key in state["model"])
