@@ -520,6 +520,8 @@ def test_each_measurement_is_weighed_against_its_share_of_the_training():
     assert training_passes(100, 4000, sam=True, every=0) == 1_600_000  # two of each with SAM
     assert training_passes(100, 4000, sam=False, every=30) == 200_000  # epochs 30, 60, 90 and the end
     assert training_passes(100, 4000, sam=False, every=50) == 400_000  # epochs 50 and 100, the end
+    # every 1000 of 3200 steps (3 measurements) and the end: 4 in all
+    assert training_passes(100, 4000, sam=False, every=0, every_steps=1000, total_steps=3200) == 200_000
 
 
 def test_a_run_logs_what_it_measures_and_records_why(workdir: Path, monkeypatch: pytest.MonkeyPatch,
