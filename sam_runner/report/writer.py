@@ -171,41 +171,48 @@ def _percent(value: float) -> str:
     return f"{format_measure(100 * value)}%"
 
 
-def _group_line(label: str, what: str, series: list[trajectories.Series]
-                ) -> tuple[list[tuple[str, trajectories.Band]], list[str]]:
-    """A group's line of `what` over its runs' series (none without a step all of them have), and a note when
-    their steps differ."""
-    band = trajectories.band(series)
-    notes = [f"{label}, {what}: its {band.runs} runs were not recorded at the same steps; the line uses the "
-             f"{len(band.steps)} steps all of them have ({band.unshared} left out)."] if band.unshared else []
-    return [(label, band)] if band.steps else [], notes
+class _Bands:
+    """The groups' lines of each quantity drawn over training, and what to say of groups whose runs were recorded
+    at different steps (one note per group and count, naming the quantities)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[tuple[str, trajectories.Band]]] = defaultdict(list)
+        self._unshared: dict[tuple[str, int, int, int], list[str]] = defaultdict(list)
+
+    def add(self, quantity: str, label: str, series: list[trajectories.Series]) -> None:
+        band = trajectories.band(series)
+        if band.steps:  # no step that all the runs have: no line, and the note says so
+            self.lines[quantity].append((label, band))
+        if band.unshared:
+            self._unshared[label, band.runs, len(band.steps), band.unshared].append(quantity)
+
+    def notes(self) -> list[str]:
+        return [f"- {label} ({', '.join(quantities)}): its {runs} runs were not recorded at the same steps; the line "
+                f"uses the {shared} steps all of them have ({unshared} left out)."
+                for (label, runs, shared, unshared), quantities in self._unshared.items()]
 
 
 def _learning_curves(groups: list[Group], labels: list[str], colours: dict[str, Any], out_dir: Path, prefix: str,
                      title: str) -> tuple[list[str], list[Path]]:
     """Loss and accuracy against the step from the completed runs' metrics.jsonl; a run whose file is missing or
     unreadable is left out and named (it costs its curves, not the report)."""
-    lines: dict[str, list[tuple[str, trajectories.Band]]] = defaultdict(list)
-    notes = []
+    bands, unreadable = _Bands(), []
     for group, label in zip(groups, labels):
         readable = []
         for run in group.completed:
             try:
                 readable.append(trajectories.read_metrics(run))
             except UnreadableRecord as error:
-                notes.append(f"run {run.name}: {error}; left out of the learning curves.")
+                unreadable.append(f"- run {run.name}: {error}; left out of the learning curves.")
         for key in trajectories.LEARNING_METRICS:
-            series = [points[key] for points in readable if points[key]]
-            if series:
-                line, note = _group_line(label, key, series)
-                lines[key] += line
-                notes += note
-    plots = [report_plots.learning_curves(lines, colours, out_dir, prefix, title)] if lines else []
+            if series := [points[key] for points in readable if points[key]]:
+                bands.add(key, label, series)
+    plots = [report_plots.learning_curves(bands.lines, colours, out_dir, prefix, title)] if bands.lines else []
     text = ["### Learning curves", "",
             "Train and test loss and accuracy (eval-mode passes, metrics.jsonl) against the optimizer step: a colour "
             "per group, train solid and test dashed; the mean over the group's completed runs with a ± one sample "
             "std band; a log scale where the values span a factor of 20.", "",
-            *_images(plots), *(f"- {note}" for note in notes), ""]
+            *_images(plots), *unreadable, *bands.notes(), ""]
     return text, plots
 
 
@@ -215,15 +222,13 @@ def _sharpness_over_training(groups: list[Group], labels: list[str], colours: di
     each measure at the first and last measurement with its relative change."""
     series = [[trajectories.sharpness_series(run) for run in trajectories.traced_runs(group)] for group in groups]
     columns = sorted({column for runs in series for points in runs for column in points}, key=column_order)
-    plots, notes = [], []
+    bands = _Bands()
     for column in columns:
-        lines = []
         for label, runs in zip(labels, series):
             if having := [points[column] for points in runs if column in points]:
-                line, note = _group_line(label, column, having)
-                lines += line
-                notes += note
-        plots.append(report_plots.over_training(lines, colours, column, out_dir, prefix, title))
+                bands.add(column, label, having)
+    plots = [report_plots.over_training(bands.lines[column], colours, column, out_dir, prefix, title)
+             for column in columns if bands.lines[column]]
     rows = [[label, column, str(row.first.n),
              f"{', '.join(map(str, row.first_steps))} → {', '.join(map(str, row.last_steps))}",
              _stat_cell(row.first, column, row.first.n), _stat_cell(row.last, column, row.first.n),
@@ -233,7 +238,7 @@ def _sharpness_over_training(groups: list[Group], labels: list[str], colours: di
             "Each measure at the runs' own measurements during training (`sharpness.every`, "
             "`sharpness.every_steps`, and at the end) against the optimizer step: a line per group, the mean over its "
             "completed runs measured more than once with a ± one sample std band; a log scale where the values span "
-            "a factor of 20.", "", *_images(plots), *(f"- {note}" for note in notes), "",
+            "a factor of 20.", "", *_images(plots), *bands.notes(), "",
             "Each measure at a run's first and last measurement (`steps`) and its relative change (last − first) / "
             "|first|: mean ± sample std over the `n` runs, the change averaged over each run's own (trajectories.csv "
             "has the same).", "", *markdown_table(["group", "measure", "n", "steps", "first", "last", "change"], rows),
