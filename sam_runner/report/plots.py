@@ -164,8 +164,8 @@ def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> P
 
 def palette(labels: list[str]) -> dict[str, Any]:
     """Distinct colours: tab10 for up to ten labels, tab20 beyond (cycling past twenty)."""
-    palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: palette(index % palette.N) for index, label in enumerate(labels)}
+    colormap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: colormap(index % colormap.N) for index, label in enumerate(labels)}
 
 
 def sharpness_versus_gap(runs: list[Run], correlation: Correlation, out_dir: Path, prefix: str, title: str) -> Path:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 from sam_runner.report.runs import Run, column_order, finite, own_measurements, record_columns
 from sam_runner.report.stats import Group, Stat, summarize
 from sam_runner.run.rundir import METRICS, UnreadableRecord
 
-Series = dict[int, Optional[float]]  # optimizer step -> value there (None: not recorded as a finite number)
+Series = dict[int, float | None]  # optimizer step -> value there (None: not recorded as a finite number)
 LEARNING_METRICS = ("train/loss", "test/loss", "train/acc", "test/acc")  # eval-mode, on the epochs that evaluate
 
 
@@ -78,6 +77,8 @@ class Band:
 
 
 def band(series: list[Series]) -> Band:
+    """`series`: one per run, at least one. A step some run lacks is left out rather than averaged over fewer seeds,
+    which would move the line where the seeds change, not where the measure does."""
     shared = sorted(set(series[0]).intersection(*series[1:]))
     unshared = len(set().union(*series)) - len(shared)
     return Band(shared, [summarize([points[step] for points in series]) for step in shared], len(series), unshared)
