@@ -1,10 +1,13 @@
 """sam-report's PNG plots (matplotlib, Agg: no display needed): accuracy and gap against batch size and against
-rho, with error bars over seeds, and each sharpness column against the accuracy gap with its Kendall τ."""
+rho, with error bars over seeds, each sharpness column against the accuracy gap with its Kendall τ, and the
+groups' courses over training (learning curves, each measure against the step) with ± std bands."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from sam_runner.report.runs import Run, finite, format_setting, optimizer_label, varying_keys  # noqa: E402
 from sam_runner.report.stats import Correlation, Group, summarize  # noqa: E402
+from sam_runner.report.trajectories import Band  # noqa: E402
 from sam_runner.run.hyperparameters import GROUP_KEYS  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -24,7 +28,7 @@ LOG_RANGE = 20  # a positive axis spanning at least this ratio (max / min) is dr
 LABELLED = ("optimizer", "base_optimizer", "rho")
 
 
-def _hidden(settings: dict[str, Any], x_key: str) -> set[str]:
+def _hidden(settings: dict[str, Any], x_key: str | None) -> set[str | None]:
     """The x variable, and for batch size what follows from it under the run's own rules (so a line across batch
     sizes holds together): the effective lr when the configured one is recorded, and the budget that is not
     binding."""
@@ -38,9 +42,9 @@ def _hidden(settings: dict[str, Any], x_key: str) -> set[str]:
     return hidden
 
 
-def _lines(groups: list[Group], x_key: str) -> list[tuple[str, list[Group]]]:
-    """Groups joined into lines that differ only in `x_key`, each labelled by its optimizer and, where lines
-    share that label, by the settings that tell them apart (`sgd · lr_scaling=sqrt`)."""
+def _lines(groups: list[Group], x_key: str | None) -> list[tuple[str, list[Group]]]:
+    """Groups joined into lines that differ only in `x_key` (None: a line per group), each labelled by its
+    optimizer and, where lines share that label, by the settings that tell them apart (`sgd · lr_scaling=sqrt`)."""
     lines: dict[str, list[Group]] = {}
     for group in groups:
         hidden = _hidden(group.settings, x_key)
@@ -59,16 +63,22 @@ def _lines(groups: list[Group], x_key: str) -> list[tuple[str, list[Group]]]:
     return labelled
 
 
+def group_labels(groups: list[Group]) -> list[str]:
+    """Each group's label in legends and tables over training: its optimizer with ρ, and what tells it apart."""
+    return [label for label, _ in _lines(groups, None)]
+
+
 def _legend_beside(axis: Any, handles: list[Line2D] | None = None) -> None:
     """The legend right of the axes, so long labels never cover data (savefig's tight box keeps it)."""
     kwargs = {"handles": handles} if handles is not None else {}
     axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5), **kwargs)
 
 
-def _log_x_if_wide(axis: Any, values: list[float]) -> None:
+def _log_if_wide(set_scale: Callable[[str], Any], values: list[float]) -> None:
+    """A log scale (`set_scale`: the axes' set_xscale or set_yscale) for positive values spanning LOG_RANGE."""
     positive = [value for value in values if value > 0]
     if positive and len(positive) == len(values) and max(positive) / min(positive) >= LOG_RANGE:
-        axis.set_xscale("log")
+        set_scale("log")
 
 
 def _ticks_at(axis: Any, values: list[float]) -> None:
@@ -94,6 +104,11 @@ def _errorbar_lines(axis: Any, lines: list[tuple[str, list[Group]]], x_key: str,
                           yerr=[stat.std or 0.0 for _, stat in points], marker="o", capsize=3, label=label)
             xs += [x for x, _ in points]
     return xs
+
+
+def _file_safe(column: str) -> str:
+    """A sharpness column in a file name: `worst@0.05` -> `worst_at_0.05`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", column.replace("@", "_at_"))
 
 
 def _finish(figure: Any, path: Path) -> Path:
@@ -138,7 +153,7 @@ def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> P
             axis.axhline(level.mean, linestyle="--", color=f"C{index % 10}", linewidth=1.2, label=f"{label} (no ρ)")
             if level.std is not None:
                 axis.axhspan(level.mean - level.std, level.mean + level.std, color=f"C{index % 10}", alpha=0.12)
-    _log_x_if_wide(axis, xs)
+    _log_if_wide(axis.set_xscale, xs)
     _ticks_at(axis, xs)
     axis.set(xlabel="ρ (SAM radius)", ylabel="test accuracy")
     axis.grid(alpha=0.3)
@@ -147,17 +162,17 @@ def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> P
     return _finish(figure, out_dir / f"{prefix}test_acc_vs_rho.png")
 
 
-def _colours(labels: list[str]) -> dict[str, Any]:
+def palette(labels: list[str]) -> dict[str, Any]:
     """Distinct colours: tab10 for up to ten labels, tab20 beyond (cycling past twenty)."""
-    palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: palette(index % palette.N) for index, label in enumerate(labels)}
+    colormap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: colormap(index % colormap.N) for index, label in enumerate(labels)}
 
 
 def sharpness_versus_gap(runs: list[Run], correlation: Correlation, out_dir: Path, prefix: str, title: str) -> Path:
     """One completed run per point: colour = optimizer (with rho), marker = batch size; runs at chance ringed."""
     completed = [run for run in runs if run.completed and finite(run.sharpness.get(correlation.column)) is not None
                  and finite(run.get(correlation.gap)) is not None]
-    colours = _colours(list(dict.fromkeys(optimizer_label(run.summary, with_rho=True) for run in completed)))
+    colours = palette(list(dict.fromkeys(optimizer_label(run.summary, with_rho=True) for run in completed)))
     sizes = sorted({run.get("batch_size") for run in completed}, key=lambda size: (size is None, size))
     markers = {size: MARKERS[index % len(MARKERS)] for index, size in enumerate(sizes)}
     figure, axis = plt.subplots(figsize=(7.5, 4.4))
@@ -174,11 +189,58 @@ def sharpness_versus_gap(runs: list[Run], correlation: Correlation, out_dir: Pat
     if any(run.get("at_chance") for run in completed):
         handles.append(Line2D([], [], color="red", markerfacecolor="none", marker="o", markersize=11, linestyle="",
                               label="at chance"))
-    _log_x_if_wide(axis, [run.sharpness[correlation.column] for run in completed])
+    _log_if_wide(axis.set_xscale, [run.sharpness[correlation.column] for run in completed])
     axis.set(xlabel=correlation.column, ylabel=METRIC_TITLES[correlation.gap])
     axis.grid(alpha=0.3)
     _legend_beside(axis, handles)
     tau = correlation.overall.text() or f"needs 3 runs (n={correlation.overall.n})"
     axis.set_title(f"{title}\n{correlation.column} vs gap: Kendall τ = {tau}", fontsize="medium")
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", correlation.column.replace("@", "_at_"))
-    return _finish(figure, out_dir / f"{prefix}{safe}_vs_{correlation.gap}.png")
+    return _finish(figure, out_dir / f"{prefix}{_file_safe(correlation.column)}_vs_{correlation.gap}.png")
+
+
+def _band(axis: Any, band: Band, colour: Any, label: str | None = None, linestyle: str = "-") -> list[float]:
+    """The mean over the seeds with a ± one sample std band (none for one seed); a step where no seed has a value is
+    a gap in the line. Returns the means drawn."""
+    means = [stat.mean if stat.mean is not None else math.nan for stat in band.stats]
+    spread = [stat.std or 0.0 for stat in band.stats]
+    axis.plot(band.steps, means, color=colour, linestyle=linestyle, label=label,
+              marker="o" if len(band.steps) <= 30 else None, markersize=3)
+    axis.fill_between(band.steps, [mean - std for mean, std in zip(means, spread)],
+                      [mean + std for mean, std in zip(means, spread)], color=colour, alpha=0.15, linewidth=0)
+    return [mean for mean in means if not math.isnan(mean)]
+
+
+def over_training(lines: list[tuple[str, Band]], colours: dict[str, Any], column: str, out_dir: Path, prefix: str,
+                  title: str) -> Path:
+    """One sharpness column against the optimizer step, a line per group (log y where the values span decades)."""
+    figure, axis = plt.subplots(figsize=(8.5, 4.4))
+    means = [mean for label, band in lines for mean in _band(axis, band, colours[label], label)]
+    _log_if_wide(axis.set_yscale, means)
+    axis.set(xlabel="optimizer step", ylabel=column)
+    axis.grid(alpha=0.3)
+    _legend_beside(axis)
+    figure.suptitle(f"{title}\n{column} over training: mean ± std over seeds", fontsize="medium")
+    return _finish(figure, out_dir / f"{prefix}{_file_safe(column)}_over_training.png")
+
+
+def learning_curves(lines: dict[str, list[tuple[str, Band]]], colours: dict[str, Any], out_dir: Path, prefix: str,
+                    title: str) -> Path:
+    """Loss and accuracy (`lines`: metrics.jsonl's train/loss, test/loss, train/acc, test/acc) against the step: a
+    colour per group, train solid and test dashed."""
+    figure, axes = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    drawn: set[str] = set()
+    for axis, (quantity, name) in zip(axes, (("loss", "loss"), ("acc", "accuracy"))):
+        values = []
+        for split, linestyle in (("train", "-"), ("test", "--")):
+            for label, band in lines.get(f"{split}/{quantity}", []):
+                values += _band(axis, band, colours[label], linestyle=linestyle)
+                drawn.add(label)
+        _log_if_wide(axis.set_yscale, values)
+        axis.set(xlabel="optimizer step", ylabel=name)
+        axis.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colour, label=label) for label, colour in colours.items() if label in drawn]
+    handles += [Line2D([], [], color="black", linestyle=linestyle, label=split)
+                for split, linestyle in (("train", "-"), ("test", "--"))]
+    _legend_beside(axes[-1], handles)
+    figure.suptitle(f"{title}\nlearning curves (eval mode): mean ± std over seeds", fontsize="medium")
+    return _finish(figure, out_dir / f"{prefix}learning_curves.png")

@@ -85,19 +85,33 @@ def radius_column(measure: str, rho: Any) -> str:
     return measure
 
 
+def measurements(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """summary.json's measurement records, in the order they were taken."""
+    return [entry for entry in summary.get("measurements") or [] if isinstance(entry, dict)]
+
+
+def own_measurements(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's own measurements (source `sam-run`), taken while it trained: its sharpness over training.
+    `sam-measure`'s records are later looks at a saved checkpoint."""
+    return [entry for entry in measurements(summary) if entry.get("source") == "sam-run"]
+
+
+def record_columns(entry: dict[str, Any]) -> dict[str, Any]:
+    """Column -> value of one measurement record: the measures only (no `trace_stderr`), named by their radius."""
+    return {radius_column(measure, entry.get("rho")): value for measure, value in (entry.get("values") or {}).items()
+            if measure in MEASURE_ORDER}
+
+
 def sharpness_columns(summary: dict[str, Any]) -> dict[str, float | None]:
     """Column -> value from `measurements` (the later entry wins a column), else from the `sharpness` dict.
 
     An older summary has only `sharpness`; its radius is that of the run's own measurement when one is listed,
     otherwise unknown (bare names).
     """
-    measurements = [entry for entry in summary.get("measurements") or [] if isinstance(entry, dict)]
     columns: dict[str, float | None] = {}
-    for entry in measurements:
-        for measure, value in (entry.get("values") or {}).items():
-            if measure in MEASURE_ORDER:
-                columns[radius_column(measure, entry.get("rho"))] = value
-    own = [entry for entry in measurements if entry.get("source") == "sam-run"]
+    for entry in measurements(summary):
+        columns.update(record_columns(entry))
+    own = own_measurements(summary)
     own_rho = own[-1].get("rho") if own else None
     for measure, value in (summary.get("sharpness") or {}).items():
         column = radius_column(measure, own_rho)

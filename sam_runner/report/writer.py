@@ -10,16 +10,19 @@ import csv
 import json
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sam_runner.errors import SamRunnerError
 from sam_runner.report import plots as report_plots
+from sam_runner.report import trajectories
 from sam_runner.report.runs import (
     OUTCOME_KEYS,
     ReportError,
     Run,
+    column_order,
     error_notes,
     find_runs,
     finite,
@@ -45,7 +48,7 @@ from sam_runner.report.stats import (
     group_runs,
 )
 from sam_runner.run.hyperparameters import GROUP_KEYS, HPARAM_KEYS
-from sam_runner.run.rundir import CHECKPOINT
+from sam_runner.run.rundir import CHECKPOINT, UnreadableRecord
 
 ACCURACY_LIKE = (*GROUP_METRICS, "test_loss", "val_loss")  # formatted with four decimals, the rest with 4 digits
 NESTED_KEYS = ("sharpness", "measurements")  # their values are in the sharpness columns
@@ -59,11 +62,12 @@ class Report:
     files: list[Path]
 
 
-def _stat_cell(stat: Stat, key: str, n_completed: int) -> str:
-    """`0.9123 ± 0.0130`; the std is left out for one value; `(n=2)` when some completed runs lack the value."""
+def _stat_cell(stat: Stat, key: str, n_completed: int, number: Callable[[float], str] | None = None) -> str:
+    """`0.9123 ± 0.0130`; the std is left out for one value; `(n=2)` when some completed runs lack the value.
+    `number` formats mean and std (default: by `key`, accuracies and losses with four decimals)."""
     if stat.mean is None:
         return ""
-    number = format_metric if key in ACCURACY_LIKE else format_measure
+    number = number or (format_metric if key in ACCURACY_LIKE else format_measure)
     text = number(stat.mean) + (f" ± {number(stat.std)}" if stat.std is not None else "")
     return text + (f" (n={stat.n})" if stat.n < n_completed else "")
 
@@ -159,6 +163,102 @@ def _flatness_section(runs: list[Run], out_dir: Path) -> tuple[list[str], list[P
     return lines, written
 
 
+def _images(paths: list[Path]) -> list[str]:
+    return [f"![{path.stem}]({path.name})" for path in paths]
+
+
+def _percent(value: float) -> str:
+    return f"{format_measure(100 * value)}%"
+
+
+class _Bands:
+    """The groups' lines of each quantity drawn over training, and what to say of groups whose runs were recorded
+    at different steps (one note per group and count, naming the quantities)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[tuple[str, trajectories.Band]]] = defaultdict(list)
+        self._unshared: dict[tuple[str, int, int, int], list[str]] = defaultdict(list)
+
+    def add(self, quantity: str, label: str, series: list[trajectories.Series]) -> None:
+        band = trajectories.band(series)
+        if band.steps:  # no step that all the runs have: no line, and the note says so
+            self.lines[quantity].append((label, band))
+        if band.unshared:
+            self._unshared[label, band.runs, len(band.steps), band.unshared].append(quantity)
+
+    def notes(self) -> list[str]:
+        return [f"- {label} ({', '.join(quantities)}): its {runs} runs were not recorded at the same steps; the line "
+                f"uses the {shared} steps all of them have ({unshared} left out)."
+                for (label, runs, shared, unshared), quantities in self._unshared.items()]
+
+
+def _learning_curves(groups: list[Group], labels: list[str], colours: dict[str, Any], out_dir: Path, prefix: str,
+                     title: str) -> tuple[list[str], list[Path]]:
+    """Loss and accuracy against the step from the completed runs' metrics.jsonl; a run whose file is missing or
+    unreadable is left out and named (it costs its curves, not the report)."""
+    bands, unreadable = _Bands(), []
+    for group, label in zip(groups, labels):
+        readable = []
+        for run in group.completed:
+            try:
+                readable.append(trajectories.read_metrics(run))
+            except UnreadableRecord as error:
+                unreadable.append(f"- run {run.name}: {error}; left out of the learning curves.")
+        for key in trajectories.LEARNING_METRICS:
+            if series := [points[key] for points in readable if points[key]]:
+                bands.add(key, label, series)
+    plots = [report_plots.learning_curves(bands.lines, colours, out_dir, prefix, title)] if bands.lines else []
+    text = ["### Learning curves", "",
+            "Train and test loss and accuracy (eval-mode passes, metrics.jsonl) against the optimizer step: a colour "
+            "per group, train solid and test dashed; the mean over the group's completed runs with a ± one sample "
+            "std band; a log scale where the values span a factor of 20.", "",
+            *_images(plots), *unreadable, *bands.notes(), ""]
+    return text, plots
+
+
+def _sharpness_over_training(groups: list[Group], labels: list[str], colours: dict[str, Any], out_dir: Path,
+                             prefix: str, title: str) -> tuple[list[str], list[Path]]:
+    """Each measure against the step, a line per group over its runs measured more than once, and the table of
+    each measure at the first and last measurement with its relative change."""
+    series = [[trajectories.sharpness_series(run) for run in trajectories.traced_runs(group)] for group in groups]
+    columns = sorted({column for runs in series for points in runs for column in points}, key=column_order)
+    bands = _Bands()
+    for column in columns:
+        for label, runs in zip(labels, series):
+            if having := [points[column] for points in runs if column in points]:
+                bands.add(column, label, having)
+    plots = [report_plots.over_training(bands.lines[column], colours, column, out_dir, prefix, title)
+             for column in columns if bands.lines[column]]
+    rows = [[label, column, str(row.first.n),
+             f"{', '.join(map(str, row.first_steps))} → {', '.join(map(str, row.last_steps))}",
+             _stat_cell(row.first, column, row.first.n), _stat_cell(row.last, column, row.first.n),
+             _stat_cell(row.change, column, row.first.n, _percent)]
+            for group, label in zip(groups, labels) for column, row in trajectories.start_end_table(group)]
+    text = ["### Sharpness over training", "",
+            "Each measure at the runs' own measurements during training (`sharpness.every`, "
+            "`sharpness.every_steps`, and at the end) against the optimizer step: a line per group, the mean over its "
+            "completed runs measured more than once with a ± one sample std band; a log scale where the values span "
+            "a factor of 20.", "", *_images(plots), *bands.notes(), "",
+            "Each measure at a run's first and last measurement (`steps`) and its relative change (last − first) / "
+            "|first|: mean ± sample std over the `n` runs, the change averaged over each run's own (trajectories.csv "
+            "has the same).", "", *markdown_table(["group", "measure", "n", "steps", "first", "last", "change"], rows),
+            ""]
+    return text, plots
+
+
+def _over_training_section(groups: list[Group], out_dir: Path, prefix: str, title: str
+                           ) -> tuple[list[str], list[Path]]:
+    """Learning curves and sharpness over training, when some completed run was measured more than once; nothing
+    otherwise, so a report of runs measured once stays as it was."""
+    if not any(trajectories.traced_runs(group) for group in groups):
+        return [], []
+    labels = report_plots.group_labels(groups)
+    colours = report_plots.palette(labels)
+    curves, curve_plots = _learning_curves(groups, labels, colours, out_dir, prefix, title)
+    sharpness, sharpness_plots = _sharpness_over_training(groups, labels, colours, out_dir, prefix, title)
+    return [*curves, *sharpness], [*curve_plots, *sharpness_plots]
+
+
 def _protocol_section(runs: list[Run], protocol: str | None, prefix: str, out_dir: Path, pictures: bool
                       ) -> tuple[list[str], list[Path]]:
     groups = group_runs(runs)
@@ -176,7 +276,10 @@ def _protocol_section(runs: list[Run], protocol: str | None, prefix: str, out_di
     else:
         lines += ["No completed run has a sharpness measurement.", ""]
     if plots:
-        lines += ["### Plots", "", *(f"![{path.stem}]({path.name})" for path in plots), ""]
+        lines += ["### Plots", "", *_images(plots), ""]
+    over_training, written = _over_training_section(groups, out_dir, prefix, title)
+    lines += over_training
+    plots += written
     if pictures:
         flatness, written = _flatness_section(runs, out_dir / f"{prefix}flatness")
         lines += flatness
@@ -234,6 +337,20 @@ def _groups_csv(groups: list[Group], path: Path) -> Path:
     return _write_csv(path, header, rows)
 
 
+TRAJECTORY_STATISTICS = ("first", "last", "change")
+
+
+def _trajectories_csv(groups: list[Group], path: Path) -> Path | None:
+    """One row per group and measure of the start/end table (None: no run was measured more than once)."""
+    header = [*GROUP_KEYS, "optimizer_label", "measure", "first_steps", "last_steps",
+              *(f"{key}_{part}" for key in TRAJECTORY_STATISTICS for part in ("mean", "std", "n"))]
+    rows = [[*(group.settings[key] for key in GROUP_KEYS), optimizer_label(group.settings, with_rho=True), column,
+             " ".join(map(str, row.first_steps)), " ".join(map(str, row.last_steps)),
+             *(getattr(getattr(row, key), part) for key in TRAJECTORY_STATISTICS for part in ("mean", "std", "n"))]
+            for group in groups for column, row in trajectories.start_end_table(group)]
+    return _write_csv(path, header, rows) if rows else None
+
+
 def _write(runs: list[Run], paths: list[Path], out_dir: Path, pictures: bool) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter(run.status for run in runs)
@@ -252,8 +369,11 @@ def _write(runs: list[Run], paths: list[Path], out_dir: Path, pictures: bool) ->
         plots += written
     markdown = "\n".join(lines)
     (out_dir / "report.md").write_text(markdown)
+    groups = group_runs(runs)
+    over_training = _trajectories_csv(groups, out_dir / "trajectories.csv")
     return Report(markdown, [out_dir / "report.md", _runs_csv(runs, out_dir / "runs.csv"),
-                             _groups_csv(group_runs(runs), out_dir / "groups.csv"), *plots])
+                             _groups_csv(groups, out_dir / "groups.csv"), *([over_training] if over_training else []),
+                             *plots])
 
 
 def write_report(paths: list[Path], out_dir: Path | None = None, *, pictures: bool = True) -> Report:
