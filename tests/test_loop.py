@@ -24,19 +24,21 @@ EVERY_3_STEPS = [*TINY, "epochs=3", "sharpness.measures=[lambda_max]", "sharpnes
 
 def test_every_steps_measures_within_and_at_the_end_of_epochs_without_changing_the_training(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Steps 3, 6 and 9 fall within epochs (a line of their own), 12 is the last epoch's end (in its line)."""
+    """Step 0 (the weights the run starts from) and steps 3, 6 and 9 fall within epochs (a line of their own), 12 is
+    the last epoch's end (in its line)."""
     run_in_process(workdir, monkeypatch, *EVERY_3_STEPS, run_dir="measured")
     run_in_process(workdir, monkeypatch, *EVERY_3_STEPS, "sharpness.every_steps=null", run_dir="plain")
     summary = read_json(workdir / "measured" / "summary.json")
-    assert [(record["epoch"], record["step"]) for record in summary["measurements"]] == [(1, 3), (2, 6), (3, 9),
-                                                                                          (3, 12)]
+    assert [(record["epoch"], record["step"]) for record in summary["measurements"]] == [(1, 0), (1, 3), (2, 6),
+                                                                                          (3, 9), (3, 12)]
     lines = strict_lines(workdir / "measured" / "metrics.jsonl")
-    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 3), (1, 4), (2, 6), (2, 8), (3, 9), (3, 12)]
-    within = [line for line in lines if line["step"] in (3, 6, 9)]
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 0), (1, 3), (1, 4), (2, 6), (2, 8), (3, 9),
+                                                                 (3, 12)]
+    within = [line for line in lines if line["step"] in (0, 3, 6, 9)]
     assert all(set(line) == {"epoch", "step", "sharpness/lambda_max", "sharpness/lambda_max_iterations"}
                for line in within)
     assert [line["sharpness/lambda_max"] for line in within] == [record["values"]["lambda_max"]
-                                                                  for record in summary["measurements"][:3]]
+                                                                  for record in summary["measurements"][:4]]
     epochs = [line for line in metric_lines(workdir / "measured") if "train/loss_seen" in line]
     plain = metric_lines(workdir / "plain")
     assert [{key: value for key, value in line.items() if not key.startswith("sharpness/")} for line in epochs] == [
@@ -63,11 +65,11 @@ def test_a_run_stopped_or_killed_inside_a_measurement_within_an_epoch_continues_
         run_in_process(workdir, monkeypatch, *EVERY_3_STEPS)
     summary = read_json(workdir / "run" / "summary.json")
     assert summary["status"] == ("preempted" if ending == "stopped" else "running")
-    assert [record["step"] for record in summary.get("measurements", [])] == [3]
+    assert [record["step"] for record in summary.get("measurements", [])] == [0, 3]
     monkeypatch.setattr(loop, "take_measurement", measure)
     run_in_process(workdir, monkeypatch, *EVERY_3_STEPS)
     assert_same_run(workdir / "run", workdir / "reference")
-    assert [line["step"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [3, 4, 6, 8, 9, 12]
+    assert [line["step"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [0, 3, 4, 6, 8, 9, 12]
 
 
 def test_a_run_that_diverges_within_an_epoch_is_recorded_diverged_not_failed_by_its_measurement(
@@ -84,7 +86,7 @@ def test_sharpness_every_epoch_is_logged_for_each_epoch(workdir: Path, monkeypat
     run_dir = run_in_process(workdir, monkeypatch, *TINY, "epochs=3", "sharpness.every=1",
                              "sharpness.measures=[ascent]")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 0), (1, 4), (2, 8), (3, 12)]  # step 0: the start
     assert all("sharpness/ascent" in line for line in lines)
     summary = read_json(run_dir / "summary.json")
     assert summary["sharpness"]["ascent"] == lines[-1]["sharpness/ascent"]

@@ -98,7 +98,9 @@ def train_epoch(run: Training, logbook: Logbook, progress: Progress, summary: di
     `RunStopped`. Returns the statistics seen while training.
     """
     total = run.plan.batches_in(progress.epoch)
-    if _measurement_due_within(run, progress, total):  # a continued run that stopped at (or in) this measurement
+    if _measurement_due_within(run, progress, total):  # the first point, or one a continued run stopped in
+        if progress.step == 0:
+            save_checkpoint(run, progress, summary)  # so that a stop in it is one "after step 0", as any other
         _measure_within(run, logbook, progress, summary)
     run.model.train()
     batches = islice(run.data.train.epoch(progress.epoch, start_batch=progress.batch), total - progress.batch)
@@ -129,11 +131,14 @@ def train_epoch(run: Training, logbook: Logbook, progress: Progress, summary: di
 
 
 def _measurement_due_within(run: Training, progress: Progress, total: int) -> bool:
-    """Whether `sharpness.every_steps` asks for a measurement after this step, within the epoch (one at the epoch's
-    end is the epoch loop's)."""
-    every_steps = run.settings.sharpness.every_steps
-    return (bool(run.measures) and bool(every_steps) and 0 < progress.batch < total
-            and progress.step % every_steps == 0)
+    """Whether a measurement is due before the next step of an epoch: at step 0 when the run measures during
+    training (`sharpness.every` or `every_steps`: a trajectory's first point, the weights it started from), and
+    every `sharpness.every_steps` within the epoch (one at the epoch's end is the epoch loop's)."""
+    every, every_steps = run.settings.sharpness.every, run.settings.sharpness.every_steps
+    if not run.measures or not (every or every_steps):
+        return False
+    return progress.step == 0 or (bool(every_steps) and 0 < progress.batch < total
+                                  and progress.step % every_steps == 0)
 
 
 def _measure_within(run: Training, logbook: Logbook, progress: Progress, summary: dict[str, Any]) -> None:
