@@ -518,10 +518,10 @@ def test_auto_on_a_cpu_keeps_the_measurement_within_a_margin_of_the_training():
 def test_each_measurement_is_weighed_against_its_share_of_the_training():
     assert training_passes(100, 4000, sam=False, every=0) == 800_000  # a forward and a backward per sample
     assert training_passes(100, 4000, sam=True, every=0) == 1_600_000  # two of each with SAM
-    assert training_passes(100, 4000, sam=False, every=30) == 200_000  # epochs 30, 60, 90 and the end
-    assert training_passes(100, 4000, sam=False, every=50) == 400_000  # epochs 50 and 100, the end
-    # every 1000 of 3200 steps (3 measurements) and the end: 4 in all
-    assert training_passes(100, 4000, sam=False, every=0, every_steps=1000, total_steps=3200) == 200_000
+    assert training_passes(100, 4000, sam=False, every=30) == 160_000  # step 0, epochs 30, 60, 90 and the end
+    assert training_passes(100, 4000, sam=False, every=50) == 800_000 / 3  # step 0, epochs 50 and 100 (the end)
+    # step 0, steps 1000, 2000 and 3000 of 3200, and the end
+    assert training_passes(100, 4000, sam=False, every=0, every_steps=1000, total_steps=3200) == 160_000
 
 
 def test_a_run_logs_what_it_measures_and_records_why(workdir: Path, monkeypatch: pytest.MonkeyPatch,

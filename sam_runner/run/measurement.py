@@ -42,9 +42,10 @@ def training_passes(epochs: float, num_train: int, *, sam: bool, every: int, eve
                     total_steps: int = 0) -> float:
     """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM) per
     measurement it takes: one every `every` epochs (sharpness.every), one every `every_steps` of its `total_steps`
-    (sharpness.every_steps) and one at the end, so `auto` weighs each measurement against its share of the
-    training."""
-    measurements = (math.ceil(epochs / every) if every else 1) + (total_steps // every_steps if every_steps else 0)
+    (sharpness.every_steps), then one at step 0 too, and one at the end, so `auto` weighs each measurement against
+    its share of the training."""
+    during = (math.ceil(epochs / every) - 1 if every else 0) + (total_steps // every_steps if every_steps else 0)
+    measurements = 1 + during + (1 if every or every_steps else 0)
     return epochs * num_train * (4 if sam else 2) / measurements
 
 
