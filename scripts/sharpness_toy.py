@@ -16,7 +16,7 @@ algorithm first falls onto it (Phase I, a few hundred steps) and then drifts alo
 
 Both SAMs are sam_runner.optim.SAM around plain SGD (no momentum, no weight decay) on a model whose parameter is x.
 
-Defaults: η = 0.01, ρ = 0.25 (η·ρ² = 6.25e-4: 1/(η·ρ²) = 1,600 steps), 20,000 steps for each algorithm, start
+Defaults: η = 0.01, ρ = 0.25 (η·ρ² = 6.25e-4: 1/(η·ρ²) = 1,600 steps), 16,000 steps for each algorithm, start
 x = (−0.2, 1, 0.5, 0.5) (off the manifold, (x1, x2) at least 1.28 from every limit), 1-SAM's draws from --seed 0;
 float64 throughout. η is small because finite η moves the limits: 1-SAM's by O(η) (to x1 = 0.607 at η = 0.01), and
 gradient descent on the ascent-direction loss settles in a 2-cycle that stops it far short of argmin F2 (at x1 = 0.48
@@ -264,7 +264,7 @@ def plot(paths: dict[str, Tensor], outcomes: list[Outcome], start: tuple[float, 
     ax.plot([], [], "k*", markersize=10, label="predicted limit")
     ax.plot([], [], "ko", markersize=5, label="tail mean (last quarter)")
     ax.set(xlabel="$x_1$", ylabel="$x_2$", xlim=(-1.5, 1.5), ylim=(-0.6, 1.3),
-           title=f"Seed 002's toy: paths on $x_3=x_4=0$, contours of $F_1+F_2$\n"
+           title=f"Seed 002's toy: the $(x_1, x_2)$ paths over contours of $F_1+F_2$\n"
                  f"η = {outcomes[0].eta:g}, ρ = {outcomes[0].rho:g}, {outcomes[0].steps} steps")
     ax.title.set_fontsize(10)
     ax.legend(loc="upper right", fontsize=8)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     parser.add_argument("--out", type=Path, default=Path("outputs/sharpness_toy"), help="directory for the files")
     parser.add_argument("--eta", type=float, default=0.01, help="learning rate η of all three (default 0.01)")
     parser.add_argument("--rho", type=float, default=0.25, help="radius ρ of all three (default 0.25)")
-    parser.add_argument("--steps", type=int, default=20_000, help="steps of each algorithm (default 20000)")
+    parser.add_argument("--steps", type=int, default=16_000, help="steps of each algorithm (default 16000)")
     parser.add_argument("--start", type=float, nargs=4, default=(-0.2, 1.0, 0.5, 0.5), metavar="X",
                         help="the start point x1 x2 x3 x4 of all three (default -0.2 1 0.5 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="1-SAM's draws (default 0)")
