@@ -140,7 +140,7 @@ def one_sam_draws(steps: int, seed: int) -> list[int]:
 
 def ascent_loss(x: Tensor, rho: float) -> Tensor:
     """L(x + ρ∇L(x)/‖∇L(x)‖) with the graph of ∇L kept, so that its gradient includes the derivative of the normalized
-    direction: gradient descent on R^Asc + L itself, not SAM (SAM drops that derivative)."""
+    direction: gradient descent on L^Asc = L + R^Asc itself, not SAM (SAM drops that derivative)."""
     (grad,) = torch.autograd.grad(loss(x), x, create_graph=True)
     return loss(x + rho * grad / grad.norm())
 
