@@ -50,7 +50,7 @@ from sam_runner.run.progress import Progress
 from sam_runner.run.spec import make_spec
 from sam_runner.run.stopping import StopRequests
 from sam_runner.scale.distributed import World
-from sam_runner.scale.ranks import Team
+from sam_runner.scale.ranks import SilentLogbook, Team
 from sam_runner.steps import train_step
 
 CIFAR_SHAPED = ["dataset=synthetic", "dataset.name=synthetic_cifar10", "dataset.source.num_train=50000",
@@ -99,12 +99,14 @@ def bare_sam_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- the runner
-# The only places that reach into the run's internals (run/): where its signatures change, change these three.
+# The only places that reach into the run's internals (run/), with the build in `Contender`: where their signatures
+# change, change these.
 
 
 def runner_epoch(run: Training, epoch: int) -> dict[str, float]:
-    """One training epoch exactly as `loop.fit` runs it (from the epoch's first batch, no checkpoint due)."""
-    return loop.train_epoch(run, Progress(epoch=epoch), summary={})
+    """One training epoch exactly as `loop.fit` runs it (from the epoch's first batch, no checkpoint or measurement
+    due, so its logbook is one that writes nothing)."""
+    return loop.train_epoch(run, SilentLogbook(run.run_dir), Progress(epoch=epoch), summary={})
 
 
 def runner_evaluation(run: Training) -> dict[str, float]:
@@ -170,7 +172,7 @@ class Contender:
         self.settings, self.device = self.spec.settings, self.spec.device
         self.run_dir = run_dir / name
         self.run_dir.mkdir(parents=True, exist_ok=True)  # the checkpoints timed are written here
-        self.run = build_run(self.spec, Team(World(device=self.device)), Stopwatch(), StopRequests())
+        self.run = build_run(self.spec, Team(World(device=self.device)), self.run_dir, Stopwatch(), StopRequests())
         self.flops = training_flops(self.run.model, *next(iter(self.run.data.train.epoch(0))))
         self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
         bare = build_optimizer(self.spec.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)
