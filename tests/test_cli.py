@@ -328,3 +328,9 @@ def test_a_sweep_job_refused_for_its_directory_ends_the_sweep_with_exit_2_and_le
     assert "Traceback" not in result.stderr
     assert "sweep sweep (1 runs)" in result.stdout, result.stdout  # job 0; job 2 never started: the refusal ended it
     assert contents() == before
+    jobs = sorted(path.name for path in (workdir / "sweep").iterdir() if path.is_dir())
+    # resume=false is no part of a job's directory name: the same jobs start over (job 0 here), no new ones beside
+    over = run_cli("sam-run", *sweep[:-2], "seed=0,1", "resume=false", "hydra.sweep.dir=sweep", cwd=workdir)
+    assert over.returncode == 2 and "run 1 did not start: " in over.stderr and contents() == before
+    assert "resume=false: removed the earlier run's" in over.stdout
+    assert sorted(path.name for path in (workdir / "sweep").iterdir() if path.is_dir()) == jobs

@@ -98,6 +98,25 @@ def test_a_directory_no_sam_run_wrote_is_refused_and_starting_over_keeps_the_use
     assert read_json(workdir / "run" / "run.json")["config"]["lr"] == 0.3
 
 
+@pytest.mark.parametrize("run_info", ['{"tool": "mytool", "config": {"lr": 1}}', "not json", '["a list"]'])
+def test_another_tools_run_json_does_not_make_its_directory_a_sam_runs(tmp_path: Path, run_info: str) -> None:
+    """A run.json is a sam-run's only with the run's config and sam-runner's version in it: another tool's (or a
+    broken one) beside files named like sam-run's is refused, resume=false or not, and nothing is removed."""
+    from sam_runner.errors import ConfigError
+    from sam_runner.run import resume
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_text("mine")
+    (tmp_path / "summary.json").write_text('{"mine": true}')
+    (tmp_path / "run.json").write_text(run_info)
+    before = checksums(tmp_path)
+    for again in (True, False):
+        with pytest.raises(ConfigError, match=r"holds files that no sam-run wrote \(summary.json, run.json, "
+                                              r"checkpoints/last.pt; no run.json of a sam-run\)"):
+            resume.inspect(tmp_path, {"lr": 1}, resume=again)
+    assert checksums(tmp_path) == before
+
+
 def test_a_run_that_diverges_between_epoch_ends_keeps_a_finite_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sam_runner.run import experiment

@@ -23,7 +23,7 @@ from sam_runner.run import checkpoint, rundir
 from sam_runner.run.build import Training
 from sam_runner.run.measurement import keep_remeasurements
 from sam_runner.run.progress import Progress
-from sam_runner.run.rundir import CHECKPOINT, UnreadableRecord, read_summary, run_config
+from sam_runner.run.rundir import CHECKPOINT, read_summary, run_config
 from sam_runner.run.status import ENDED
 from sam_runner.scale.distributed import World
 
@@ -103,20 +103,13 @@ def check_before_launch(run_dir: Path, config: dict[str, Any], *, resume: bool) 
 
 
 def refuse_another_config(run_dir: Path, config: dict[str, Any]) -> None:
-    differences = config_differences(_earlier_config(run_dir), config)
+    """A directory whose run.json is a sam-run's (rundir.refuse_foreign first) holding a run of another config."""
+    differences = config_differences(run_config(run_dir), config)
     if differences:
         shown = "; ".join(differences[:SHOWN_DIFFERENCES])
         more = f" and {len(differences) - SHOWN_DIFFERENCES} more" if len(differences) > SHOWN_DIFFERENCES else ""
         raise ConfigError(f"{run_dir} holds a run with another config ({shown}{more}): choose another "
                           f"hydra.run.dir, or add resume=false to start over there")
-
-
-def _earlier_config(run_dir: Path) -> dict[str, Any]:
-    try:
-        return run_config(run_dir)
-    except UnreadableRecord:
-        raise CheckpointError(f"{run_dir} holds an earlier run but no readable run.json to tell its config: "
-                              f"add resume=false to start over, or choose another hydra.run.dir") from None
 
 
 def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -122,13 +122,23 @@ def _records_found(run_dir: Path) -> list[str]:
     return found + sorted(path.name for pattern in RECORD_GLOBS for path in run_dir.glob(pattern))
 
 
+def written_by_sam_run(run_dir: Path) -> bool:
+    """Whether `run_dir`'s run.json is a sam-run's: a JSON object with the run's config and the versions it ran with
+    (every sam-run has written both); another tool's run.json, or a broken one, is not."""
+    try:
+        info = read_record(run_dir, RUN_INFO)
+    except UnreadableRecord:
+        return False
+    return isinstance(info.get("config"), dict) and "sam-runner" in (info.get("versions") or {})
+
+
 def refuse_foreign(run_dir: Path) -> None:
-    """Refuse a directory holding files by sam-run's names (or a checkpoints/ folder) but no run.json: whatever
-    wrote them, it was not a sam-run, so they are neither continued nor removed."""
-    if has_records(run_dir) and not (run_dir / RUN_INFO).is_file():
+    """Refuse a directory holding files by sam-run's names (or a checkpoints/ folder) but no run.json of a sam-run:
+    whatever wrote them, it was not a sam-run, so they are neither continued nor removed, resume=false or not."""
+    if has_records(run_dir) and not written_by_sam_run(run_dir):
         found = _records_found(run_dir) or [f"{CHECKPOINT_DIR}/"]
-        raise ConfigError(f"{run_dir} holds files that no sam-run wrote ({', '.join(found)}; no {RUN_INFO}): "
-                          f"choose another hydra.run.dir")
+        raise ConfigError(f"{run_dir} holds files that no sam-run wrote ({', '.join(found)}; no {RUN_INFO} of a "
+                          f"sam-run): choose another hydra.run.dir")
 
 
 def start_over(run_dir: Path) -> list[str]:
