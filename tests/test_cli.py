@@ -133,6 +133,7 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("steps=-5", "steps must be > 0 optimizer updates or null (got -5)"),
     ("data_dir=/dev/null", "data_dir=/dev/null is a file, not a folder"),
     (f"hydra.run.dir=outputs/{'x' * 300}", "is 300 bytes, longer than file systems allow (255)"),
+    (f"hydra.run.dir=outputs/{'/'.join(['c' * 200] * 25)}", "hydra.run.dir: File name too long (5032 bytes)"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(workdir: Path, override: str,
                                                                       message: str) -> None:

@@ -139,8 +139,12 @@ def _check_writable(directory: Path, key: str) -> None:
         raise ConfigError(f"{key}: the name {too_long[0][:20]}... is {len(os.fsencode(too_long[0]))} bytes, longer "
                           f"than file systems allow ({NAME_MAX}): choose a shorter {key}")
     existing = directory
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as error:  # the whole path longer than the system takes (PATH_MAX), say
+        raise ConfigError(f"{key}: {error.strerror} ({len(os.fsencode(str(directory)))} bytes): choose a shorter "
+                          f"{key}") from None
     if not existing.is_dir():
         raise ConfigError(f"cannot write run outputs under {existing}, a file: choose a writable {key}")
     try:  # a folder made and removed at once: permissions (root's too), read-only mounts and /proc all answer
