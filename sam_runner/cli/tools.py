@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sam_runner.cli.messages import EXIT_USAGE, fail, fail_unforeseen, warnings_in_one_line
-from sam_runner.errors import SamRunnerError
-from sam_runner.run.stopping import EXIT_INTERRUPTED
+from sam_runner.cli.messages import EXIT_USAGE, one_line_errors, warnings_in_one_line
 
 
 def measure_main(argv: list[str] | None = None) -> None:
@@ -21,17 +19,12 @@ def measure_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, help="training samples to measure on (default: the run's setting)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: the run's device)")
     args = parser.parse_args(argv)
-    try:
+    # the summary is written only once a measurement is complete: a Ctrl-C leaves nothing to undo
+    with one_line_errors("sam-measure", interrupted="nothing was added to the run's summary.json"):
         from sam_runner.report.remeasure import measure_checkpoint  # torch: seconds, so inside the Ctrl-C handling
 
         result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
                                     rho=args.rho, num_samples=args.num_samples, device=args.device)
-    except SamRunnerError as error:
-        fail(error, "sam-measure")
-    except KeyboardInterrupt:  # the summary is written only once a measurement is complete: nothing to undo
-        fail("interrupted (Ctrl-C): nothing was added to the run's summary.json", "sam-measure", EXIT_INTERRUPTED)
-    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
-        fail_unforeseen(error, "sam-measure")
     for name, value in result.items():
         print(f"{name:>16s}  {value:.6g}")
 
@@ -62,21 +55,17 @@ def landscape_main(argv: list[str] | None = None) -> None:
         parser.error(f"--interpolate takes exactly two runs, RUN_A RUN_B (got {len(args.runs)})")
     if args.bn_stats and not args.interpolate:
         parser.error("--bn-stats applies only with --interpolate (a direction leaves BatchNorm statistics as trained)")
-    from sam_runner.report import landscape
-
     warnings_in_one_line("sam-landscape")
     given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
     options = {"seed": args.seed, "num_samples": args.num_samples, "device": args.device,
                **{key: value for key, value in given.items() if value is not None}}
-    try:
+    with one_line_errors("sam-landscape", interrupted="the runs are as they were; the pictures are not finished"):
+        from sam_runner.report import landscape  # torch: seconds, so inside the Ctrl-C handling
+
         if args.interpolate:
             paths = landscape.interpolation(*args.runs, args.out, **options)
         else:
             paths = landscape.directions(args.runs, args.out, **options)
-    except SamRunnerError as error:
-        fail(error, "sam-landscape")
-    except Exception as error:  # a plug-in dataset or model that raises, a full disk: one line, not a traceback
-        fail_unforeseen(error, "sam-landscape")
     for path in paths:
         print(path)
 
@@ -90,19 +79,16 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-pictures", action="store_true",
                         help="skip the flatness pictures of a small/large-batch pair (they read checkpoints)")
     args = parser.parse_args(argv)
-    from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
-    from sam_runner.report.writer import write_report
-
     warnings_in_one_line("sam-report")  # e.g. a flatness picture skipped over a corrupt checkpoint
-    try:
-        report = write_report(args.paths, args.out, pictures=not args.no_pictures)
-    except SamRunnerError as error:
-        if not isinstance(error, ReportError):
-            fail(error, "sam-report")
-        for problem in error.problems:
-            print(f"sam-report: error: {problem}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    except Exception as error:  # a plug-in that raises while a picture is drawn, a full disk: one line
-        fail_unforeseen(error, "sam-report")
+    with one_line_errors("sam-report", interrupted="the runs are as they were; the report is not finished"):
+        from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
+        from sam_runner.report.writer import write_report
+
+        try:
+            report = write_report(args.paths, args.out, pictures=not args.no_pictures)
+        except ReportError as error:  # one line for each path that holds no run
+            for problem in error.problems:
+                print(f"sam-report: error: {problem}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
     print(report.markdown)
     print("wrote:", *(f"  {path}" for path in report.files), sep="\n")
