@@ -285,6 +285,14 @@ def test_config_differences_name_every_changed_key_except_the_harmless_ones() ->
     assert config_differences(earlier, now) == ["epochs: (absent) -> 5", "hidden: [100, 100] -> [100]",
                                                 "optimizer.sam.rho: 0.05 -> 0.1"]
     assert config_differences(earlier, earlier) == []
+    # keys sam-runner gained since the earlier run, off: that run ran without them; on, or removed, they differ
+    added = {"init_from": None, "sharpness": {"every_steps": None}, "compile": False}
+    assert config_differences(earlier, {**earlier, **added}) == []
+    assert config_differences(earlier, {**earlier, "init_from": "runs/a", "sharpness": {"every_steps": 5}}) == [
+        "init_from: (absent) -> runs/a", "sharpness.every_steps: (absent) -> 5"]
+    assert config_differences({**earlier, **added}, earlier) == ["compile: False -> (absent)",
+                                                                 "init_from: None -> (absent)",
+                                                                 "sharpness.every_steps: None -> (absent)"]
 
 
 def test_the_stopwatch_counts_a_nested_phase_once_and_carries_over_a_resume(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,3 +28,22 @@ def test_ctrl_c_in_a_tool_is_one_line_and_exit_130(workdir: Path, monkeypatch: p
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and stderr.strip().splitlines() == [f"{tool}: error: interrupted (Ctrl-C): {line}"]
     assert checksums(run_dir) == before
+
+
+@pytest.mark.parametrize("summary", ['{"status": "compl', None])
+def test_sam_measure_refuses_a_torn_or_missing_summary_instead_of_replacing_it(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, summary: str | None) -> None:
+    """The measurement is added to summary.json; written alone in its place, it would lose the run's results."""
+    from sam_runner.report.remeasure import measure_checkpoint
+    from sam_runner.run.rundir import UnreadableRecord
+
+    run_dir = run_in_process(workdir, monkeypatch, *TINY, "sharpness.measures=[]")
+    if summary is None:
+        (run_dir / "summary.json").unlink()
+    else:
+        (run_dir / "summary.json").write_text(summary)
+    before = checksums(run_dir)
+    with pytest.raises(UnreadableRecord, match=r"summary.json (is missing|cannot be read: .*): re-run the run's own "
+                                               r"command \(it rewrites summary.json from its checkpoint\), then measure"):
+        measure_checkpoint(run_dir, measures="ascent")
+    assert checksums(run_dir) == before

@@ -21,6 +21,7 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     measuring, so that no run starts there before the measurement is written; a run continued later keeps it.
     """
     rundir.refuse_if_held(run_dir)  # before the (possibly slow) rebuild
+    _summary(run_dir)
     run = saved_run.load(run_dir, checkpoint_path=checkpoint_path,
                          overrides={"sharpness.measures": measures, "sharpness.rho": rho,
                                     "sharpness.num_samples": num_samples, "device": device})
@@ -31,7 +32,17 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     with rundir.claim(run_dir, tidy=False):
         record = take_measurement(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
                                   step=run.state.get("step", 0), source="sam-measure")
-        summary = rundir.read_summary(run_dir) or {}
+        summary = _summary(run_dir)
         add_measurement(summary, record)
         write_json_atomic(summary, run_dir / rundir.SUMMARY)
     return record["values"]
+
+
+def _summary(run_dir: Path) -> dict:
+    """The run's summary.json, which the measurement is added to: one that is missing or torn is not replaced by
+    one holding the measurement alone (the run's results would be lost from it)."""
+    try:
+        return rundir.read_record(run_dir, rundir.SUMMARY)
+    except rundir.UnreadableRecord as error:
+        raise rundir.UnreadableRecord(f"{error}: re-run the run's own command (it rewrites summary.json from its "
+                                      f"checkpoint), then measure") from None

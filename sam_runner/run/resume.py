@@ -113,17 +113,24 @@ def refuse_another_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME and values
-    that differ only by the data_dir they were derived from (`cache_dir: ${data_dir}`): data_dir may change."""
+    """`key: earlier -> now` for every dotted key whose value differs, apart from IGNORED_ON_RESUME, values that
+    differ only by the data_dir they were derived from (`cache_dir: ${data_dir}`: data_dir may change), and keys
+    added to sam-runner since the earlier run that are off (`init_from: null`, a new feature's default): that run
+    ran without them."""
     flat_earlier, flat_now = _flatten(earlier), _flatten(now)
     keys = sorted(set(flat_earlier) | set(flat_now))
     dirs = flat_earlier.get("data_dir"), flat_now.get("data_dir")
     return [f"{key}: {flat_earlier.get(key, '(absent)')} -> {flat_now.get(key, '(absent)')}" for key in keys
-            if key not in IGNORED_ON_RESUME and _differs(flat_earlier.get(key, _ABSENT), flat_now.get(key, _ABSENT),
-                                                         *dirs)]
+            if key not in IGNORED_ON_RESUME and not _added_and_off(key, flat_earlier, flat_now)
+            and _differs(flat_earlier.get(key, _ABSENT), flat_now.get(key, _ABSENT), *dirs)]
 
 
 _ABSENT = object()
+OFF_VALUES = (None, False)  # what a key added later is set to when its feature is off
+
+
+def _added_and_off(key: str, earlier: dict[str, Any], now: dict[str, Any]) -> bool:
+    return key not in earlier and key in now and any(now[key] is off for off in OFF_VALUES)
 
 
 def _differs(earlier: Any, now: Any, earlier_dir: Any, now_dir: Any) -> bool:
