@@ -14,10 +14,13 @@ EXPLODING_MODEL = textwrap.dedent("""
     import torch
 
     class Net(torch.nn.Module):
-        '''An MLP whose forward raises a plain RuntimeError (not a sam-runner error) when explode is set.'''
+        '''An MLP whose forward raises a plain RuntimeError (not a sam-runner error) when explode is set; its
+        construction, when explode_at_build is.'''
 
-        def __init__(self, num_classes, input_shape, explode=False):
+        def __init__(self, num_classes, input_shape, explode=False, explode_at_build=False):
             super().__init__()
+            if explode_at_build:
+                raise RuntimeError("boom while building the plug-in")
             self.explode = explode
             self.layer = torch.nn.Linear(40, num_classes)
 
@@ -60,6 +63,19 @@ def test_an_unforeseen_error_in_a_single_run_is_one_line_exit_1_and_recorded(wor
     assert result.stderr.strip().splitlines() == [
         "sam-run: error: RuntimeError: boom in the plug-in (HYDRA_FULL_ERROR=1 shows where)"]
     assert read_json(workdir / "outputs" / "run" / "summary.json")["status"] == "failed"
+
+
+def test_a_plugin_that_raises_while_the_run_is_built_is_one_line_exit_1_and_leaves_no_directory(workdir: Path
+                                                                                                  ) -> None:
+    """The run never started (nothing recorded): like a refused one, it leaves nothing the command created."""
+    (workdir / "boom_plugin.py").write_text(EXPLODING_MODEL)
+    result = run_cli("sam-run", *TINY, "model=custom", "model._target_=boom_plugin.Net",
+                     "+model.explode_at_build=true", "hydra.run.dir=outputs/run", cwd=workdir,
+                     extra_env={"PYTHONPATH": str(workdir)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "sam-run: error: RuntimeError: boom while building the plug-in (HYDRA_FULL_ERROR=1 shows where)"]
+    assert not (workdir / "outputs").exists()
 
 
 def test_divergence_exits_1_keeps_the_last_finite_checkpoint_and_writes_strict_json(workdir: Path) -> None:

@@ -113,18 +113,19 @@ def _leave_kept_thread_errors_to_the_run() -> None:
 
 
 @contextlib.contextmanager
-def _removed_if_refused(run_dir: Path | None) -> Iterator[None]:
-    """A single run refused for bad input that only its data shows (labels beyond num_classes, a missing dataset)
-    leaves no directory behind: only what this very command created (`run_dir` and its parents, absent before it),
-    `run_dir` only while it holds no record of a run (just Hydra's files and the lock), parents only when empty."""
+def _removed_if_not_started(run_dir: Path | None) -> Iterator[None]:
+    """A single run that never started — refused for bad input that only its data shows (labels beyond num_classes,
+    a missing dataset), or a plug-in that raised while it was built — leaves no directory behind: only what this
+    very command created (`run_dir` and its parents, absent before it), `run_dir` only while it holds no record of a
+    run (just Hydra's log and the lock), parents only when empty."""
     created = None if run_dir is None or run_dir.exists() else run_dir  # never what was there before
     while created is not None and not created.parent.exists():
         created = created.parent  # the topmost folder this command will create
     try:
         yield
     except SystemExit as exit:
-        refused = exit.code == EXIT_USAGE and torchrun_env.launched_world_size() == 1
-        if refused and created is not None and run_dir.is_dir() and not rundir.has_records(run_dir):
+        ended = exit.code in (EXIT_USAGE, EXIT_NOT_COMPLETED) and torchrun_env.launched_world_size() == 1
+        if ended and created is not None and run_dir.is_dir() and not rundir.has_records(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             for parent in run_dir.parents:
                 if parent != created and created not in parent.parents:
@@ -154,7 +155,7 @@ def main() -> None:
             first_rho = _first_rho(args.overrides) if args.multirun else None
             if first_rho is not None:
                 os.environ[PLAIN_RHO_ENV] = first_rho
-            with _removed_if_refused(None if args.multirun or output is None else output):
+            with _removed_if_not_started(None if args.multirun or output is None else output):
                 _hydra_job()
     except (RunStopped, JobLost, JobNotStarted, KeyboardInterrupt) as stopped:
         if output is not None and args.multirun:  # a stop ends the whole sweep: show where every job got to
