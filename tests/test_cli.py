@@ -129,7 +129,7 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("dataset.source.num_train=0", "dataset.source.num_train must be a positive integer (got 0)"),
     ("dataset.normalize={mean:[0.5],std:[0]}", "dataset.normalize.std must be positive"),
     ("dataset.augment={crop_padding:-1}", "crop_padding must be >= 0 pixels (got -1)"),
-    ("dataset.num_classes=0", "dataset.num_classes must be a positive number of classes or null"),
+    ("dataset.num_classes=1", "dataset.num_classes must be at least 2 classes (one class leaves nothing to learn)"),
     ("steps=-5", "steps must be > 0 optimizer updates or null (got -5)"),
     ("data_dir=/dev/null", "data_dir=/dev/null is a file, not a folder"),
     (f"hydra.run.dir=outputs/{'x' * 300}", "is 300 bytes, longer than file systems allow (255)"),

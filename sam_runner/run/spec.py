@@ -237,9 +237,9 @@ def _validate_dataset(cfg: DictConfig) -> None:
     _require(isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1,
              f"dataset.val_fraction must be in [0, 1) (got {val_fraction}): the share of the training set held out")
     num_classes = dataset.get("num_classes")
-    _require(num_classes is None or (isinstance(num_classes, int) and num_classes > 0),
-             f"dataset.num_classes must be a positive number of classes or null (inferred from the labels); "
-             f"got {num_classes}")
+    _require(num_classes is None or (isinstance(num_classes, int) and num_classes >= 2),
+             f"dataset.num_classes must be at least 2 classes (one class leaves nothing to learn) or null "
+             f"(inferred from the labels); got {num_classes}")
     check_augment(dataset.get("augment") or {})
     if dataset.get("normalize"):
         check_normalize(dataset.normalize)
