@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -115,6 +116,69 @@ def test_a_stop_during_start_up_is_one_line_with_its_exit_code_and_writes_nothin
     assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name} while no run "
                                            f"was training (nothing to checkpoint): re-run the same command to go on"]
     assert not (workdir / "run").exists()
+
+
+def test_a_stop_anywhere_in_start_up_is_one_line_with_its_exit_code_and_writes_nothing(workdir: Path) -> None:
+    """Signals at random moments of the seconds of imports, pre-flight and Hydra's start (Hydra has made the run's
+    directory and its log before the run claims it): raised into an import, a stop was swallowed (the run trained)
+    or left numpy half-imported. Every try must end in one line, 75 or 130, with no directory."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc to see when sam-run handles signals")
+    rng = random.Random(0)
+    for attempt in range(12):
+        stop_signal = (signal.SIGTERM, signal.SIGINT)[attempt % 2]
+        process = in_background(workdir, *TINY, "epochs=1", f"hydra.run.dir=out/run{attempt}")
+        deadline = time.monotonic() + 60
+        while not handles(process, signal.SIGTERM):
+            assert process.poll() is None and time.monotonic() < deadline, "sam-run never handled SIGTERM"
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 3.0))
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=120)
+        status, code = ("interrupted", 130) if stop_signal == signal.SIGINT else ("preempted", 75)
+        if (workdir / "out" / f"run{attempt}" / "summary.json").is_file():
+            assert read_json(workdir / "out" / f"run{attempt}" / "summary.json")["status"] == status, stderr
+            continue  # the run had started: it stopped with a checkpoint (another test's case)
+        assert (process.returncode, stderr.strip().splitlines()) == (code, [
+            f"sam-run: error: {status}: stopped by {stop_signal.name} while no run was training (nothing to "
+            f"checkpoint): re-run the same command to go on"]), f"try {attempt}"
+        assert not (workdir / "out" / f"run{attempt}").exists(), f"try {attempt} left its directory"
+
+
+PARALLEL_SWEEP = ["-m", "hydra/launcher=parallel", *TINY, "sharpness.measures=[]", "epochs=400",
+                  "checkpoint.every_steps=1", "seed=0,1", "hydra.sweep.dir=sweep"]
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-sam-run", "to-its-group"])
+@pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
+                                                             (signal.SIGINT, "interrupted", 130)])
+def test_a_stopped_parallel_sweep_records_every_job_stopped_and_says_so_in_one_line(
+        workdir: Path, stop_signal: signal.Signals, status: str, code: int, to_group: bool) -> None:
+    """The signal to sam-run alone, or to its process group (Ctrl-C in a terminal) which holds joblib's workers:
+    each job stops after a step with a checkpoint, as a single run does, and sam-run prints the table and one line.
+    Raised in sam-run inside joblib, the stop had the workers killed, their jobs left `running`."""
+    process = subprocess.Popen([str(BIN / "sam-run"), *PARALLEL_SWEEP], cwd=workdir, start_new_session=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(jobs := _job_dirs(workdir)) < 2 or \
+            not all((job / "metrics.jsonl").is_file() and len(metric_lines(job)) >= 3 for job in jobs):
+        assert process.poll() is None and time.monotonic() < deadline, "the jobs never trained 3 epochs"
+        time.sleep(0.1)
+    if to_group:
+        os.killpg(process.pid, stop_signal)
+    else:
+        process.send_signal(stop_signal)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name}: the sweep's "
+                                           f"jobs that were training stopped with a checkpoint (the table above): "
+                                           f"re-run the same command to continue"]
+    assert [read_json(job / "summary.json")["status"] for job in _job_dirs(workdir)] == [status, status]
+    assert stdout.split("sweep sweep")[-1].count(status) >= 2, "the table shows both jobs stopped"
+    for job in _job_dirs(workdir):  # each stopped after a step, with its checkpoint there
+        step = checkpointed_step(job / "checkpoints" / "last.pt")[0]
+        assert f"stopped by {stop_signal.name} after step {step};" in read_json(job / "summary.json")["error"]
 
 
 # Loaded by Python at start-up from PYTHONPATH: an exit handler, the last to run, that says when sam-run is exiting
@@ -235,7 +299,7 @@ def test_sam_run_handles_stop_signals_before_its_heavy_imports() -> None:
     probe = subprocess.run([sys.executable, "-c", f"import sys, signal, {module}; {module}.stop_at_once(); "
                             "print(sorted(name for name in ('hydra', 'torch', 'omegaconf') if name in sys.modules), "
                             "signal.getsignal(signal.SIGINT).__name__)"], capture_output=True, text=True, check=True)
-    assert probe.stdout.split() == ["[]", "_stop_now"]
+    assert probe.stdout.split() == ["[]", "_stop_outside_runs"]
 
 
 def test_ctrl_c_in_sam_measure_is_one_line_and_adds_nothing(workdir: Path) -> None:

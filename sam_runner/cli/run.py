@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from sam_runner.cli.messages import EXIT_NOT_COMPLETED, EXIT_USAGE, fail
 from sam_runner.cli.preflight import CONFIG_DIR, held_sweep_dir, hydra_arguments, pinned_output, preflight
 from sam_runner.errors import JobNotStarted, SamRunnerError, describe_unforeseen
 from sam_runner.report.runs import collect, show_sweep_table
-from sam_runner.run import rundir
+from sam_runner.run import rundir, stopping
 from sam_runner.run.status import FINISHED
 from sam_runner.run.stopping import EXIT_INTERRUPTED, RunStopped, leave_stops_to_the_system, stop_at_once
 from sam_runner.scale import torchrun_env
+from sam_runner.scale.parent_watch import stops_handed_to_workers
 from sam_runner.scale.slurm import JobLost
 
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
@@ -51,7 +52,7 @@ def _hydra_job(cfg: DictConfig) -> float | None:
     """One Hydra job = one run. Returns its `objective` for Hydra sweepers."""
     from sam_runner.run.experiment import run_experiment
     from sam_runner.scale import gpu_slots  # imported here so `sam-run --help` stays fast
-    from sam_runner.scale.parent_watch import stopped_when_orphaned
+    from sam_runner.scale.parent_watch import in_worker, stopped_with_the_sweep
 
     hydra_config = HydraConfig.get()
     in_sweep = hydra_config.mode == RunMode.MULTIRUN
@@ -63,12 +64,16 @@ def _hydra_job(cfg: DictConfig) -> float | None:
         started.append(run_dir)
 
     try:
-        with stopped_when_orphaned(), \
+        with stopped_with_the_sweep(), \
                 gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
                                      Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
             summary = run_experiment(cfg, run_dir, choices=dict(hydra_config.runtime.choices),
                                      plain_rho=os.environ.get(PLAIN_RHO_ENV) if in_sweep else None,
                                      on_accepted=accepted)
+    except RunStopped:
+        if not in_worker():
+            raise
+        return None  # recorded; sam-run, which stopped the sweep, says so (raised, joblib would kill the other jobs)
     except Exception as error:  # any class: the run's summary.json says failed, and a sweep goes on
         foreseen = isinstance(error, SamRunnerError)
         if not foreseen and os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -150,13 +155,18 @@ def main() -> None:
             except SamRunnerError as error:
                 fail(error)
             if output is not None:
+                stopping.undo_when_stopped_at_once(_unmade(output))
                 sys.argv.append(pinned_output(args, output))
             sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
             first_rho = _first_rho(args.overrides) if args.multirun else None
             if first_rho is not None:
                 os.environ[PLAIN_RHO_ENV] = first_rho
+            if args.multirun:
+                held.enter_context(stops_handed_to_workers())
             with _removed_if_not_started(None if args.multirun or output is None else output):
                 _hydra_job()
+            if (stopped := stopping.stop_handed_on()) is not None:  # the jobs recorded it; the table is printed
+                fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
     except (RunStopped, JobLost, JobNotStarted, KeyboardInterrupt) as stopped:
         if output is not None and args.multirun:  # a stop ends the whole sweep: show where every job got to
             show_sweep_table(output, leaving_out=Path(stopped.run_dir) if isinstance(stopped, JobNotStarted) else None)
@@ -172,3 +182,23 @@ def main() -> None:
         leave_stops_to_the_system()  # every run has recorded how it ended: a stop now only ends the process
     if args.multirun and output is not None and any(run.status not in FINISHED for run in collect(output)):
         sys.exit(EXIT_NOT_COMPLETED)  # some job failed, diverged or was interrupted: the table above says which
+
+
+def _unmade(output: Path) -> Callable[[], None]:
+    """What undoes this command's folders if a stop ends it before any run started: `output` (a run's or a sweep's
+    directory) and its parents, only those this command creates, `output` only while no run's records are in it."""
+    created = None if output.exists() else output
+    while created is not None and not created.parent.exists():
+        created = created.parent
+
+    def undo() -> None:
+        if created is None or any(rundir.has_records(folder) for folder in (output, *output.glob("*/"))):
+            return
+        shutil.rmtree(output, ignore_errors=True)
+        for parent in output.parents:
+            if created not in (parent, *parent.parents):
+                break
+            with contextlib.suppress(OSError):  # another command may have made something there meanwhile
+                parent.rmdir()
+
+    return undo

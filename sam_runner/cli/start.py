@@ -3,16 +3,11 @@ takes, so a Ctrl-C or a SIGTERM then is one line and exit 130 or 75, like one a 
 
 from __future__ import annotations
 
-import sys
-
-from sam_runner.run.stopping import RunStopped, stop_at_once
+from sam_runner.run.stopping import stop_at_once
 
 
 def main() -> None:
-    stop_at_once()
-    try:
-        from sam_runner.cli.run import main as run  # Hydra, the configs, the pre-flight's imports
-    except RunStopped as stopped:
-        print(f"sam-run: error: {stopped.status}: {stopped}", file=sys.stderr)
-        sys.exit(stopped.exit_code)
+    stop_at_once()  # ends the process from the handler: nothing raised into the imports below
+    from sam_runner.cli.run import main as run  # Hydra, the configs, the pre-flight's imports
+
     run()

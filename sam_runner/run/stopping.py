@@ -8,9 +8,14 @@ the continued run measures again). A second Ctrl-C stops at once (the last check
 from). A handler that was installed before ours for the stopping signal (submitit's, which requeues the job) runs
 once the checkpoint is written.
 
-While no run trains (start-up: the pre-flight, Hydra, building a run; between the jobs of a sweep) there is
-nothing to checkpoint, so `stop_at_once` makes a signal end the process at once, as `RunStopped`; once the command
-is over, `leave_stops_to_the_system` gives the signals their default action back for the moments of its exit.
+While no run trains there is nothing to checkpoint, and no exception is raised from the handler: raised in
+whatever code runs then (an import, a destructor, a weakref callback) it is swallowed or leaves modules half made.
+Before any run of the command has started (imports, the pre-flight, Hydra's start) `stop_at_once` makes a stop end
+the process at once: what the command created is removed, one line, exit 75 or 130. Once a run has started (between
+a sweep's jobs, after a run) the stop waits: the next run raises `RunStopped` before it starts, and a stop that
+no run took gets the signal's default action once the command is over (`leave_stops_to_the_system`). A parallel
+sweep's sam-run hands a stop on to its jobs' processes (`hand_stops_on`, scale/parent_watch.py), which stop as a
+single run does (`request_stop`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -86,27 +91,125 @@ def _status(received: signal.Signals) -> Status:
     return Status.INTERRUPTED if received == signal.SIGINT else Status.PREEMPTED
 
 
-def _stop_now(number: int, frame: FrameType | None) -> None:
+def _stopped_outside_runs(received: signal.Signals) -> RunStopped:
+    return RunStopped(_status(received), f"stopped by {received.name} while no run was training (nothing to "
+                                         f"checkpoint): re-run the same command to go on")
+
+
+class _Outside:
+    """What a stop does while no run of this process trains (see the module's docstring)."""
+
+    program = "sam-run"
+    at_once = False  # until a run starts, from `stop_at_once`
+    pending: signal.Signals | None = None  # a stop that no run has taken yet
+    handed_on = False  # told to jobs in other processes, which record it and stop
+    raising = False  # waiting for jobs on a cluster, in a loop that sleeps: `RunStopped` ends the wait
+    hand_on: Callable[[signal.Signals], bool] | None = None
+    undo: list[Callable[[], None]] = []
+    training: StopRequests | None = None
+
+
+def _stop_outside_runs(number: int, frame: FrameType | None) -> None:
     received = signal.Signals(number)
-    raise RunStopped(_status(received), f"stopped by {received.name} while no run was training (nothing to "
-                                        f"checkpoint): re-run the same command to go on")
+    if received == signal.SIGINT and _Outside.pending == signal.SIGINT:
+        raise KeyboardInterrupt  # the second Ctrl-C: stop now, as in a run
+    if _Outside.raising:
+        raise _stopped_outside_runs(received)
+    told = _Outside.hand_on is not None and _Outside.hand_on(received)
+    _Outside.handed_on = _Outside.handed_on or told
+    if _Outside.at_once and not told:
+        _end_at_once(received)
+    _Outside.pending = _Outside.pending or received
 
 
-def stop_at_once() -> None:
-    """From now on, outside `stop_requests`, SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C raise `RunStopped` at once: one
-    line and exit code 75 or 130 from the entry point, instead of death by signal (143) or a KeyboardInterrupt
-    traceback in the middle of start-up. From the main thread only (as every signal handler)."""
+def _end_at_once(received: signal.Signals) -> None:
+    """End the process from the signal handler: nothing can swallow os._exit. Nothing of a run exists yet; what the
+    command created (an empty run directory Hydra made) goes. The line is written to the file descriptor, not
+    through sys.stderr, which the interrupted code may be in the middle of writing."""
+    for undo in _Outside.undo:
+        try:
+            undo()
+        except Exception:  # noqa: BLE001 - the stop matters more than a leftover folder
+            pass
+    stopped = _stopped_outside_runs(received)
+    os.write(2, f"{_Outside.program}: error: {stopped.status}: {stopped}\n".encode())
+    os._exit(stopped.exit_code)
+
+
+def _install_outside_handler() -> None:
     for number in (signal.SIGINT, *PREEMPTING):  # SIGINT first: whoever sees SIGTERM handled may send either
-        signal.signal(number, _stop_now)
+        signal.signal(number, _stop_outside_runs)
+
+
+def stop_at_once(program: str = "sam-run") -> None:
+    """Until a run starts, SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C end `program` at once: one line and exit code 75 or
+    130, instead of death by signal (143) or a KeyboardInterrupt traceback in the middle of start-up. From the main
+    thread only (as every signal handler)."""
+    _Outside.program, _Outside.at_once, _Outside.pending, _Outside.handed_on = program, True, None, False
+    _Outside.undo.clear()
+    _install_outside_handler()
+
+
+def defer_stops() -> None:
+    """In a parallel sweep's worker process: a stop outside a run waits for the run (`stop_requests` raises it),
+    instead of killing the worker, which would make joblib tear down every other job."""
+    if threading.current_thread() is threading.main_thread():
+        _install_outside_handler()
+
+
+def undo_when_stopped_at_once(undo: Callable[[], None]) -> None:
+    """Call `undo` (remove what the command created) if a stop ends the process at once."""
+    _Outside.undo.append(undo)
+
+
+@contextmanager
+def raised_while_waiting() -> Iterator[None]:
+    """While sam-run only waits for a sweep's jobs that run elsewhere (SLURM, which pre-empts them itself), a stop
+    ends the wait as `RunStopped`: the sweep's table and one line, the jobs going on or stopping by themselves."""
+    _Outside.raising = True
+    try:
+        yield
+    finally:
+        _Outside.raising = False
+
+
+def hand_stops_on(to: Callable[[signal.Signals], bool] | None) -> None:
+    """While jobs run in other processes, tell them of a stop with `to`, which says whether any job had started:
+    then this process waits for them to record it instead of ending at once."""
+    _Outside.hand_on = to
+
+
+def request_stop(number: int) -> None:
+    """Stop as the process that started this one was asked to: as the signal would, once (never a second Ctrl-C's
+    stop at once, when the signal also reached this process). From any thread."""
+    received = signal.Signals(number)
+    _Outside.pending = _Outside.pending or received
+    training = _Outside.training
+    if training is not None and not training.requested:
+        log.warning("sam-run, which runs this sweep, was stopped by %s: stopping after the current step, with a "
+                    "checkpoint", received.name)
+        training.take(number)
+
+
+def stop_handed_on() -> RunStopped | None:
+    """The stop that this process handed on to its jobs, which recorded it: how the command ends."""
+    received = _Outside.pending
+    if received is None or not _Outside.handed_on:
+        return None
+    return RunStopped(_status(received), f"stopped by {received.name}: the sweep's jobs that were training stopped "
+                                         f"with a checkpoint (the table above): re-run the same command to continue")
 
 
 def leave_stops_to_the_system() -> None:
     """Once the command has ended, its runs having recorded how they ended, a stop request has nothing left to
     checkpoint or report: the signals' default action ends the process at once (exit status 128 + signal), not
-    `RunStopped` raised in one of Python's exit handlers, which prints a traceback and exits 0."""
+    `RunStopped` raised in one of Python's exit handlers, which prints a traceback and exits 0. A stop that waited
+    and that no run took (it came after the last one) gets that default action now."""
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, *PREEMPTING):
             signal.signal(number, signal.SIG_DFL)
+        if _Outside.pending is not None and not _Outside.handed_on:
+            signal.raise_signal(_Outside.pending)
 
 
 @contextmanager
@@ -119,17 +222,21 @@ def stop_requests() -> Iterator[StopRequests]:
     effect.
     """
     requests = StopRequests()
-    if threading.current_thread() is not threading.main_thread():
-        yield requests
-        return
-    previous = {number: signal.signal(number, requests._handle) for number in (*PREEMPTING, signal.SIGINT)}
+    _Outside.at_once, _Outside.training = False, requests  # a run has started: a later stop waits for a safe point
+    waiting, _Outside.pending = _Outside.pending, None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {number: signal.signal(number, requests._handle) for number in (*PREEMPTING, signal.SIGINT)} \
+        if in_main else {}
     try:
+        if waiting is not None:  # asked before this run started (between a sweep's jobs): it does not start
+            raise _stopped_outside_runs(waiting)
         yield requests
     except RunStopped:
         handed_on = previous.get(requests.signal)
-        if requests.signal in PREEMPTING and callable(handed_on) and handed_on is not _stop_now:
+        if requests.signal in PREEMPTING and callable(handed_on) and handed_on is not _stop_outside_runs:
             handed_on(requests.signal, None)
         raise
     finally:
+        _Outside.training = None
         for number, handler in previous.items():
             signal.signal(number, handler)

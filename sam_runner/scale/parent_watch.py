@@ -1,32 +1,88 @@
-"""A sweep job in a worker process (`hydra/launcher=parallel`: joblib's workers, children of sam-run) stops when
-sam-run itself is gone (kill -9, the OOM killer): nothing else tells the workers, which would train on unseen, in
-run directories that the same command, re-run, then finds in use. The job stops as a pre-empted one does, with a
-checkpoint and `preempted`, so that re-running the command continues it."""
+"""A parallel sweep (`hydra/launcher=parallel`: joblib's worker processes, children of sam-run) stops as one: a stop
+signal to sam-run reaches every job, which stops as a single run does (a checkpoint, `preempted` or `interrupted`),
+and so does sam-run's own death (kill -9, the OOM killer), which nothing else tells the workers: they would train on
+unseen, in run directories that the same command, re-run, then finds in use.
+
+sam-run does not signal the workers: a signal to its whole process group (Ctrl-C in a terminal, a batch system)
+reaches them too, and a second SIGINT would mean "stop at once". It writes the signal into a file named in the
+workers' environment, which each job watches (`stop_requests`' `request_stop` takes it once); a job that starts
+later stops before it runs. joblib's own processes (its resource tracker) are left alone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+from sam_runner.run import stopping
 from sam_runner.run.stopping import EXIT_PREEMPTED
 
 log = logging.getLogger("sam_runner")
 
+# The folder where sam-run says that the sweep was stopped (file STOPPED) and its jobs that they started (STARTED).
+SWEEP_STOPS_ENV = "SAM_RUNNER_SWEEP_STOPS"
+STOPPED, STARTED = "stopped", "started"
+
 
 @contextmanager
-def stopped_when_orphaned(poll_s: float = 1.0) -> Iterator[None]:
-    """In a worker process started by multiprocessing, send this process SIGTERM (the run's stop request) once its
-    parent has died; elsewhere (sam-run itself, a SLURM or torchrun process) do nothing."""
+def stops_handed_to_workers() -> Iterator[None]:
+    """In sam-run during a sweep: a stop is handed on to the jobs that run in worker processes, if any has started
+    (until then sam-run ends at once, as without a sweep)."""
+    folder = Path(tempfile.mkdtemp(prefix="sam-run-sweep-"))
+
+    def hand_on(received: signal.Signals) -> bool:  # in the signal handler: a file written whole, then a look
+        written = os.open(folder / f".{STOPPED}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(written, str(int(received)).encode())
+        os.close(written)
+        os.replace(folder / f".{STOPPED}", folder / STOPPED)
+        return (folder / STARTED).exists()
+
+    os.environ[SWEEP_STOPS_ENV] = str(folder)
+    stopping.undo_when_stopped_at_once(lambda: shutil.rmtree(folder, ignore_errors=True))
+    stopping.hand_stops_on(hand_on)
+    try:
+        yield
+    finally:
+        stopping.hand_stops_on(None)
+        os.environ.pop(SWEEP_STOPS_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker that multiprocessing started (a parallel sweep's job)."""
+    return multiprocessing.parent_process() is not None
+
+
+@contextmanager
+def stopped_with_the_sweep(poll_s: float = 0.2) -> Iterator[None]:
+    """In a worker process started by multiprocessing, stop the job (as a stop signal would, once) when sam-run was
+    stopped, and send this process SIGTERM (the run's stop request) once its parent has died; elsewhere (sam-run
+    itself, a SLURM or torchrun process) do nothing."""
     parent = multiprocessing.parent_process()
     if parent is None:
         yield
         return
+    folder = Path(named) if (named := os.environ.get(SWEEP_STOPS_ENV)) else None
+    stopping.defer_stops()  # a stop outside the run must not kill the worker: joblib would kill the other jobs
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            (folder / STARTED).touch()  # before the look below: sam-run, stopped now, sees it or this job sees the file
     done, orphaned = threading.Event(), threading.Event()
+
+    def stopped() -> bool:
+        if folder is None or not (folder / STOPPED).is_file():
+            return False
+        stopping.request_stop(int((folder / STOPPED).read_text()))
+        return True
 
     def watch() -> None:
         while not done.wait(poll_s):
@@ -35,9 +91,11 @@ def stopped_when_orphaned(poll_s: float = 1.0) -> Iterator[None]:
                 orphaned.set()
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            if stopped():
+                return
 
-    watcher = threading.Thread(target=watch, name="sam-run parent watch", daemon=True)
-    watcher.start()
+    if not stopped():
+        threading.Thread(target=watch, name="sam-run parent watch", daemon=True).start()
     try:
         yield
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 
 from sam_runner.errors import JobNotStarted
-from sam_runner.run.stopping import RunStopped
+from sam_runner.run.stopping import RunStopped, raised_while_waiting
 from sam_runner.scale import torchrun_env
 
 
@@ -48,7 +48,8 @@ class SamRunJob:
         from submitit.core.utils import UncompletedJobError
 
         try:
-            return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+            with raised_while_waiting():
+                return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
         except UncompletedJobError as error:  # submitit: "Job N (task: 0) with path ... has not produced any output"
             reason = " ".join(str(error).split("\n")[:2])
             raise JobLost(f"a job ended without a result (killed, out of memory, or its node lost): {reason}; "
