@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -119,20 +118,20 @@ def test_a_stop_during_start_up_is_one_line_with_its_exit_code_and_writes_nothin
 
 
 def test_a_stop_anywhere_in_start_up_is_one_line_with_its_exit_code_and_writes_nothing(workdir: Path) -> None:
-    """Signals at random moments of the seconds of imports, pre-flight and Hydra's start (Hydra has made the run's
+    """Signals at moments spread over the seconds of imports, pre-flight and Hydra's start (Hydra has made the run's
     directory and its log before the run claims it): raised into an import, a stop was swallowed (the run trained)
     or left numpy half-imported. Every try must end in one line, 75 or 130, with no directory."""
     if not Path("/proc/self/status").is_file():
         pytest.skip("needs Linux's /proc to see when sam-run handles signals")
-    rng = random.Random(0)
-    for attempt in range(12):
+    tries = 12
+    for attempt in range(tries):
         stop_signal = (signal.SIGTERM, signal.SIGINT)[attempt % 2]
         process = in_background(workdir, *TINY, "epochs=1", f"hydra.run.dir=out/run{attempt}")
         deadline = time.monotonic() + 60
         while not handles(process, signal.SIGTERM):
             assert process.poll() is None and time.monotonic() < deadline, "sam-run never handled SIGTERM"
             time.sleep(0.001)
-        time.sleep(rng.uniform(0.0, 3.0))
+        time.sleep(0.2 + 2.8 * attempt / (tries - 1))  # across the imports' seconds, where the stops were lost
         process.send_signal(stop_signal)
         _, stderr = process.communicate(timeout=120)
         status, code = ("interrupted", 130) if stop_signal == signal.SIGINT else ("preempted", 75)

@@ -97,7 +97,8 @@ def _save_hydra_config(run_dir: Path, cfg: DictConfig) -> None:
     it before the job starts, so a run refused for its directory (another run's checkpoint) would have rewritten
     the config of the run that is there."""
     hydra_root = HydraConfig.instance().cfg
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_root), ("overrides.yaml", hydra_root.hydra.overrides.task)):
+    records = {"config.yaml": cfg, "hydra.yaml": hydra_root, "overrides.yaml": hydra_root.hydra.overrides.task}
+    for name, node in records.items():
         path = run_dir / rundir.HYDRA_DIR / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(OmegaConf.to_yaml(node))
@@ -117,26 +118,41 @@ def _leave_kept_thread_errors_to_the_run() -> None:
     threading.excepthook = hook
 
 
+def _topmost_made(output: Path) -> Path | None:
+    """The topmost folder of `output`'s path that does not exist yet, which this command will make (None: `output`
+    is there already, and never what was there before is removed)."""
+    made = None if output.exists() else output
+    while made is not None and not made.parent.exists():
+        made = made.parent
+    return made
+
+
+def _remove_unstarted(output: Path, made: Path | None) -> None:
+    """Remove `output` and its parents up to `made`, what this command made, while no run's records are in it or in
+    a job's folder of it (just Hydra's log and the lock); parents only when empty."""
+    if made is None or not output.is_dir():
+        return
+    if any(rundir.has_records(folder) for folder in (output, *output.glob("*/"))):
+        return
+    shutil.rmtree(output, ignore_errors=True)
+    for parent in output.parents:
+        if parent != made and made not in parent.parents:
+            break
+        with contextlib.suppress(OSError):  # another command may have made something there meanwhile
+            parent.rmdir()
+
+
 @contextlib.contextmanager
 def _removed_if_not_started(run_dir: Path | None) -> Iterator[None]:
     """A single run that never started — refused for bad input that only its data shows (labels beyond num_classes,
-    a missing dataset), or a plug-in that raised while it was built — leaves no directory behind: only what this
-    very command created (`run_dir` and its parents, absent before it), `run_dir` only while it holds no record of a
-    run (just Hydra's log and the lock), parents only when empty."""
-    created = None if run_dir is None or run_dir.exists() else run_dir  # never what was there before
-    while created is not None and not created.parent.exists():
-        created = created.parent  # the topmost folder this command will create
+    a missing dataset), a plug-in that raised while it was built, or stopped before it began — leaves no directory
+    behind (`_remove_unstarted`)."""
+    made = _topmost_made(run_dir) if run_dir is not None else None
     try:
         yield
-    except SystemExit as exit:
-        ended = exit.code in (EXIT_USAGE, EXIT_NOT_COMPLETED) and torchrun_env.launched_world_size() == 1
-        if ended and created is not None and run_dir.is_dir() and not rundir.has_records(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for parent in run_dir.parents:
-                if parent != created and created not in parent.parents:
-                    break
-                with contextlib.suppress(OSError):  # another run may have made something there meanwhile
-                    parent.rmdir()
+    except BaseException as ended:  # SystemExit with its code, RunStopped, KeyboardInterrupt
+        if (not isinstance(ended, SystemExit) or ended.code) and torchrun_env.launched_world_size() == 1:
+            _remove_unstarted(run_dir, made)
         raise
 
 
@@ -185,20 +201,6 @@ def main() -> None:
 
 
 def _unmade(output: Path) -> Callable[[], None]:
-    """What undoes this command's folders if a stop ends it before any run started: `output` (a run's or a sweep's
-    directory) and its parents, only those this command creates, `output` only while no run's records are in it."""
-    created = None if output.exists() else output
-    while created is not None and not created.parent.exists():
-        created = created.parent
-
-    def undo() -> None:
-        if created is None or any(rundir.has_records(folder) for folder in (output, *output.glob("*/"))):
-            return
-        shutil.rmtree(output, ignore_errors=True)
-        for parent in output.parents:
-            if created not in (parent, *parent.parents):
-                break
-            with contextlib.suppress(OSError):  # another command may have made something there meanwhile
-                parent.rmdir()
-
-    return undo
+    """What undoes this command's folders if a stop ends it before any run started (`_remove_unstarted`)."""
+    made = _topmost_made(output)
+    return lambda: _remove_unstarted(output, made)

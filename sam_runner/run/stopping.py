@@ -26,6 +26,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from types import FrameType
 
 from sam_runner.run.status import Status
@@ -96,43 +97,48 @@ def _stopped_outside_runs(received: signal.Signals) -> RunStopped:
                                          f"checkpoint): re-run the same command to go on")
 
 
-class _Outside:
-    """What a stop does while no run of this process trains (see the module's docstring)."""
+@dataclass
+class _OutsideRuns:
+    """What a stop does while no run of this process trains (see the module's docstring): the process's one
+    instance, `_outside`, is what its signal handlers, which take no arguments, read and set."""
 
-    program = "sam-run"
-    at_once = False  # until a run starts, from `stop_at_once`
+    program: str = "sam-run"
+    at_once: bool = False  # until a run starts, from `stop_at_once`
     pending: signal.Signals | None = None  # a stop that no run has taken yet
-    handed_on = False  # told to jobs in other processes, which record it and stop
-    raising = False  # waiting for jobs on a cluster, in a loop that sleeps: `RunStopped` ends the wait
+    handed_on: bool = False  # told to jobs in other processes, which record it and stop
+    raising: bool = False  # waiting for jobs on a cluster, in a loop that sleeps: `RunStopped` ends the wait
     hand_on: Callable[[signal.Signals], bool] | None = None
-    undo: list[Callable[[], None]] = []
+    undo: list[Callable[[], None]] = field(default_factory=list)
     training: StopRequests | None = None
+
+
+_outside = _OutsideRuns()
 
 
 def _stop_outside_runs(number: int, frame: FrameType | None) -> None:
     received = signal.Signals(number)
-    if received == signal.SIGINT and _Outside.pending == signal.SIGINT:
+    if received == signal.SIGINT and _outside.pending == signal.SIGINT:
         raise KeyboardInterrupt  # the second Ctrl-C: stop now, as in a run
-    if _Outside.raising:
+    if _outside.raising:
         raise _stopped_outside_runs(received)
-    told = _Outside.hand_on is not None and _Outside.hand_on(received)
-    _Outside.handed_on = _Outside.handed_on or told
-    if _Outside.at_once and not told:
+    told = _outside.hand_on is not None and _outside.hand_on(received)
+    _outside.handed_on = _outside.handed_on or told
+    if _outside.at_once and not told:
         _end_at_once(received)
-    _Outside.pending = _Outside.pending or received
+    _outside.pending = _outside.pending or received
 
 
 def _end_at_once(received: signal.Signals) -> None:
     """End the process from the signal handler: nothing can swallow os._exit. Nothing of a run exists yet; what the
     command created (an empty run directory Hydra made) goes. The line is written to the file descriptor, not
     through sys.stderr, which the interrupted code may be in the middle of writing."""
-    for undo in _Outside.undo:
+    for undo in _outside.undo:
         try:
             undo()
         except Exception:  # noqa: BLE001 - the stop matters more than a leftover folder
             pass
     stopped = _stopped_outside_runs(received)
-    os.write(2, f"{_Outside.program}: error: {stopped.status}: {stopped}\n".encode())
+    os.write(2, f"{_outside.program}: error: {stopped.status}: {stopped}\n".encode())
     os._exit(stopped.exit_code)
 
 
@@ -145,8 +151,8 @@ def stop_at_once(program: str = "sam-run") -> None:
     """Until a run starts, SIGTERM/SIGUSR1/SIGUSR2 and Ctrl-C end `program` at once: one line and exit code 75 or
     130, instead of death by signal (143) or a KeyboardInterrupt traceback in the middle of start-up. From the main
     thread only (as every signal handler)."""
-    _Outside.program, _Outside.at_once, _Outside.pending, _Outside.handed_on = program, True, None, False
-    _Outside.undo.clear()
+    _outside.program, _outside.at_once, _outside.pending, _outside.handed_on = program, True, None, False
+    _outside.undo.clear()
     _install_outside_handler()
 
 
@@ -159,32 +165,32 @@ def defer_stops() -> None:
 
 def undo_when_stopped_at_once(undo: Callable[[], None]) -> None:
     """Call `undo` (remove what the command created) if a stop ends the process at once."""
-    _Outside.undo.append(undo)
+    _outside.undo.append(undo)
 
 
 @contextmanager
 def raised_while_waiting() -> Iterator[None]:
     """While sam-run only waits for a sweep's jobs that run elsewhere (SLURM, which pre-empts them itself), a stop
     ends the wait as `RunStopped`: the sweep's table and one line, the jobs going on or stopping by themselves."""
-    _Outside.raising = True
+    _outside.raising = True
     try:
         yield
     finally:
-        _Outside.raising = False
+        _outside.raising = False
 
 
 def hand_stops_on(to: Callable[[signal.Signals], bool] | None) -> None:
     """While jobs run in other processes, tell them of a stop with `to`, which says whether any job had started:
     then this process waits for them to record it instead of ending at once."""
-    _Outside.hand_on = to
+    _outside.hand_on = to
 
 
 def request_stop(number: int) -> None:
     """Stop as the process that started this one was asked to: as the signal would, once (never a second Ctrl-C's
     stop at once, when the signal also reached this process). From any thread."""
     received = signal.Signals(number)
-    _Outside.pending = _Outside.pending or received
-    training = _Outside.training
+    _outside.pending = _outside.pending or received
+    training = _outside.training
     if training is not None and not training.requested:
         log.warning("sam-run, which runs this sweep, was stopped by %s: stopping after the current step, with a "
                     "checkpoint", received.name)
@@ -193,8 +199,8 @@ def request_stop(number: int) -> None:
 
 def stop_handed_on() -> RunStopped | None:
     """The stop that this process handed on to its jobs, which recorded it: how the command ends."""
-    received = _Outside.pending
-    if received is None or not _Outside.handed_on:
+    received = _outside.pending
+    if received is None or not _outside.handed_on:
         return None
     return RunStopped(_status(received), f"stopped by {received.name}: the sweep's jobs that were training stopped "
                                          f"with a checkpoint (the table above): re-run the same command to continue")
@@ -208,8 +214,8 @@ def leave_stops_to_the_system() -> None:
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGINT, *PREEMPTING):
             signal.signal(number, signal.SIG_DFL)
-        if _Outside.pending is not None and not _Outside.handed_on:
-            signal.raise_signal(_Outside.pending)
+        if _outside.pending is not None and not _outside.handed_on:
+            signal.raise_signal(_outside.pending)
 
 
 @contextmanager
@@ -222,8 +228,8 @@ def stop_requests() -> Iterator[StopRequests]:
     effect.
     """
     requests = StopRequests()
-    _Outside.at_once, _Outside.training = False, requests  # a run has started: a later stop waits for a safe point
-    waiting, _Outside.pending = _Outside.pending, None
+    _outside.at_once, _outside.training = False, requests  # a run has started: a later stop waits for a safe point
+    waiting, _outside.pending = _outside.pending, None
     in_main = threading.current_thread() is threading.main_thread()
     previous = {number: signal.signal(number, requests._handle) for number in (*PREEMPTING, signal.SIGINT)} \
         if in_main else {}
@@ -237,6 +243,6 @@ def stop_requests() -> Iterator[StopRequests]:
             handed_on(requests.signal, None)
         raise
     finally:
-        _Outside.training = None
+        _outside.training = None
         for number, handler in previous.items():
             signal.signal(number, handler)
