@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +70,31 @@ def handles(process: subprocess.Popen[str], number: int) -> bool:
     return process.poll() is None and bool(caught_signals(process.pid) >> (number - 1) & 1)
 
 
+def stopped_when(process: subprocess.Popen[str], ready: Callable[[], bool], stop_signal: signal.Signals, code: int,
+                 *, waiting_for: str, to_group: bool = False) -> tuple[str, str]:
+    """Send `stop_signal` to `process` (or its process group) once `ready()`; its stdout and stderr once it ended
+    with exit code `code`."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert process.poll() is None and time.monotonic() < deadline, f"never reached: {waiting_for}"
+        time.sleep(0.02)
+    if to_group:
+        os.killpg(process.pid, stop_signal)
+    else:
+        process.send_signal(stop_signal)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    return stdout, stderr
+
+
 @pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
                                                              (signal.SIGINT, "interrupted", 130)])
 def test_a_stop_during_the_measurement_ends_the_run_at_once_and_the_rerun_measures_again(
         workdir: Path, stop_signal: signal.Signals, status: str, code: int) -> None:
     process = in_background(workdir, *SLOWLY_MEASURED, "hydra.run.dir=run")
     checkpoint = workdir / "run" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while process.poll() is None and checkpointed_step(checkpoint)[0] < FINAL_STEP:  # written before measuring
-        assert time.monotonic() < deadline, "the run never reached its final measurement"
-        time.sleep(0.01)
-    process.send_signal(stop_signal)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, stderr
+    _, stderr = stopped_when(process, lambda: checkpointed_step(checkpoint)[0] >= FINAL_STEP,  # written before it
+                             stop_signal, code, waiting_for="the run's final measurement")
     assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name} after step "
                                            f"{FINAL_STEP}; the checkpoint there is written: re-run the same command "
                                            f"to continue"]
@@ -159,17 +172,13 @@ def test_a_stopped_parallel_sweep_records_every_job_stopped_and_says_so_in_one_l
     process = subprocess.Popen([str(BIN / "sam-run"), *PARALLEL_SWEEP], cwd=workdir, start_new_session=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while len(jobs := _job_dirs(workdir)) < 2 or \
-            not all((job / "metrics.jsonl").is_file() and len(metric_lines(job)) >= 3 for job in jobs):
-        assert process.poll() is None and time.monotonic() < deadline, "the jobs never trained 3 epochs"
-        time.sleep(0.1)
-    if to_group:
-        os.killpg(process.pid, stop_signal)
-    else:
-        process.send_signal(stop_signal)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, stderr
+    def trained() -> bool:
+        jobs = _job_dirs(workdir)
+        return len(jobs) == 2 and all((job / "metrics.jsonl").is_file() and len(metric_lines(job)) >= 3
+                                      for job in jobs)
+
+    stdout, stderr = stopped_when(process, trained, stop_signal, code, waiting_for="3 epochs of both jobs",
+                                  to_group=to_group)
     assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name}: the sweep's "
                                            f"jobs that were training stopped with a checkpoint (the table above): "
                                            f"re-run the same command to continue"]
