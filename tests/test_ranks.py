@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import BIN, TINY, read_json, run_cli
 from test_resume import assert_same_run, checkpointed_step
@@ -95,3 +96,23 @@ def test_under_torchrun_a_run_directory_named_from_the_clock_is_refused_in_one_l
     assert "every process must name the same run directory" in result.stderr
     assert "hydra.run.dir=outputs/runs/<name>" in result.stderr
     assert not (workdir / "outputs").exists()
+
+
+def test_the_ranks_stop_on_what_they_agreed_not_on_a_signal_that_lands_after_the_all_reduce(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM reaching one rank just after the stop flags were all-reduced must wait for the next step's: had
+    that rank stopped alone, its checkpoint's collectives would meet the others' next step (a hang or a lost rank,
+    seen about once in six pre-emptions under load)."""
+    from sam_runner.run.stopping import StopRequests
+    from sam_runner.scale import ranks
+    from sam_runner.scale.distributed import World
+
+    stop = StopRequests()
+
+    def all_reduce_then_the_signal_lands(tensor: torch.Tensor, **kwargs: object) -> None:
+        stop.take(signal.SIGTERM)  # the other rank saw no signal: the reduced flag stays this rank's own, 0 first
+
+    monkeypatch.setattr(ranks.dist, "all_reduce", all_reduce_then_the_signal_lands)
+    team = ranks.Team(World(rank=1, world_size=2))
+    assert team.stop_requested(stop) is False, "agreed 0: this step goes on on every rank"
+    assert team.stop_requested(stop) is True, "the next step's all-reduce carries it to every rank"

@@ -82,9 +82,13 @@ class Team:
             return stop.requested
         received = torch.tensor([stop.signal or 0])
         dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._control)
-        if received.item() and not stop.requested:
-            stop.take(int(received.item()))
-        return stop.requested
+        agreed = int(received.item())
+        if agreed and not stop.requested:
+            stop.take(agreed)
+        # what the ranks agreed, not this rank's flag: a signal landing after the all-reduce would make this rank
+        # alone stop here (its checkpoint's collectives against the others' next step: a hang, or a lost rank);
+        # it is taken at the next step, by all
+        return bool(agreed)
 
     def share(self, batch_size: int) -> int:
         """Samples of a global batch this rank trains on."""
