@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import TINY, composed, read_json, run_in_process
 from test_resume import assert_same_run, metric_lines
 from test_rundir import strict_lines
+from torch import nn
 
 from sam_runner.run import experiment, loop
+from sam_runner.run.measurement import take_measurement
+from sam_runner.run.spec import Settings, SharpnessSettings
 from sam_runner.run.stopping import RunStopped
+from sam_runner.sharpness import MeasureChoice
 
 # TINY is 2 epochs of 4 steps; lambda_max alone keeps each measurement short.
 EVERY_3_STEPS = [*TINY, "epochs=3", "sharpness.measures=[lambda_max]", "sharpness.every_steps=3"]
@@ -97,3 +102,29 @@ def test_images_per_second_counts_the_samples_trained_not_the_batch_size(workdir
     run_dir = run_in_process(workdir, monkeypatch, *TINY, "batch_size=1000", "epochs=1", "sharpness.measures=[]")
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["opt/images_per_s"] * metrics["opt/epoch_time_s"] == pytest.approx(256)  # TINY's training set
+
+
+def test_a_measurement_reads_the_loss_the_run_trains_label_smoothing_included() -> None:
+    """SAM minimizes the sharpness of its training loss: with label smoothing, λ_max is that loss's, against the
+    explicit float64 Hessian of a small tanh network (plain cross-entropy's differs, so the test tells them apart)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs, targets = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    names, shapes = zip(*((name, p.shape) for name, p in model.named_parameters()))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def top_eigenvalue(label_smoothing: float) -> float:
+        def loss(weights: torch.Tensor) -> torch.Tensor:
+            params = dict(zip(names, (piece.reshape(shape) for piece, shape in
+                                      zip(weights.split([shape.numel() for shape in shapes]), shapes))))
+            logits = torch.func.functional_call(model, params, (inputs,))
+            return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+
+    settings = Settings(rho=0.05, lr=0.1, label_smoothing=0.3,
+                        sharpness=SharpnessSettings(options={"tolerance": 1e-10}))
+    record = take_measurement(model, [(inputs, targets)], MeasureChoice(["lambda_max"], "test"), settings,
+                              epoch=1, step=0, source="sam-run")
+    assert record["label_smoothing"] == 0.3
+    assert abs(record["values"]["lambda_max"] - top_eigenvalue(0.3)) < 1e-8
+    assert abs(top_eigenvalue(0.3) - top_eigenvalue(0.0)) > 1e-3

@@ -52,7 +52,8 @@ def training_passes(epochs: float, num_train: int, *, sam: bool, every: int, eve
 def take_measurement(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                      measures: sharpness.MeasureChoice, settings: Settings, *, epoch: int, step: int, source: str,
                      should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Sharpness of the current weights on the fixed training subset (plain cross-entropy, eval mode).
+    """Sharpness of the current weights on the fixed training subset (eval mode), of the loss the run trains: the
+    cross-entropy with the run's label smoothing (SAM's objective; label smoothing gives it finite minimizers).
 
     Returns a measurement record: the values with everything needed to compare them (radius, samples, every
     option with its default filled in, the model mode, where in training and by what it was taken, and what
@@ -65,14 +66,14 @@ def take_measurement(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
              "backward batch passes (%d batches of <= %d)", epoch, step, ", ".join(measures.measures),
              _samples(batches), cost.forward, cost.backward, len(batches), settings.sharpness.batch_size)
     started = time.perf_counter()
-    values = sharpness.measure(model, nn.CrossEntropyLoss(), batches, rho=settings.sharpness.rho,
+    values = sharpness.measure(model, nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing), batches, rho=settings.sharpness.rho,
                                measures=measures.measures, seed=settings.seed, should_stop=should_stop,
                                progress=SHOW_PROGRESS, **options)
     seconds = time.perf_counter() - started
     log.info("sharpness at epoch %d, step %d (%.1fs): %s", epoch, step, seconds,
              ", ".join(f"{name} {value:.4g}" for name, value in values.items()))
     resolved = {key: value for key, value in asdict(sharpness.Options(**options)).items() if key != "progress"}
-    return {"rho": settings.sharpness.rho, "num_samples": _samples(batches),
+    return {"rho": settings.sharpness.rho, "label_smoothing": settings.label_smoothing, "num_samples": _samples(batches),
             "batch_size": settings.sharpness.batch_size, "measures": measures.measures,
             "chosen_by": measures.reason, "estimated_passes": {"forward": cost.forward, "backward": cost.backward},
             "options": resolved, "model_mode": "eval", "seed": settings.seed, "epoch": epoch, "step": step,
