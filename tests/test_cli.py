@@ -210,6 +210,19 @@ def test_valid_sweeps_whose_values_need_each_other_pass_the_preflight(argv: list
     preflight(hydra_arguments(["-m", *argv]))
 
 
+@pytest.mark.parametrize(("argv", "first_rho"), [
+    (["optimizer=sgd,sam", "rho=0.2,0.05"], "0.2"),  # the command line's grid
+    (["experiment=sharpness_notions"], "0.1"),  # a preset's grid (hydra.sweeper.params) counts too
+    (["experiment=sharpness_notions", "rho=0.3,0.1"], "0.3"),  # and the command line's wins over it
+    (["optimizer=sgd,sam"], None),  # no rho in the sweep: no plain run is a duplicate
+])
+def test_the_preflight_finds_a_sweeps_first_rho_from_which_plain_runs_are_duplicates(
+        argv: list[str], first_rho: str | None) -> None:
+    from sam_runner.cli.preflight import hydra_arguments, preflight
+
+    assert preflight(hydra_arguments(["-m", *argv])).first_rho == first_rho
+
+
 def test_the_preflight_builds_jobs_as_hydras_basic_sweeper_does() -> None:
     from sam_runner.cli.preflight import _jobs, _split_overrides
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -178,15 +179,24 @@ def _check_slurm_present(target: str) -> None:
                           "run the sweep from a SLURM login node, or try it here with hydra/launcher=slurm_local")
 
 
-def preflight(args: argparse.Namespace) -> Path | None:
-    """Compose and validate every configuration the command will run, before Hydra launches anything. Returns the
-    command's output directory (the run's or the sweep's) as checked here; None when nothing will run.
+@dataclass(frozen=True)
+class Checked:
+    """What the pre-flight found: the command's output directory (the run's or the sweep's; None when nothing will
+    run) and a sweep's first rho (its preset's grid included): plain optimizers ignore rho, so their jobs at the
+    sweep's other radii are duplicates."""
+
+    output: Path | None = None
+    first_rho: str | None = None
+
+
+def preflight(args: argparse.Namespace) -> Checked:
+    """Compose and validate every configuration the command will run, before Hydra launches anything.
 
     A sweep is checked job by job — each combination of its values, its preset's `hydra.sweeper.params`
     included — since values valid alone can clash (a micro-batch larger than a swept batch size).
     """
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg or args.config_path:
-        return None  # nothing runs, or the user replaced the primary config (Hydra reports its own errors)
+        return Checked()  # nothing runs, or the user replaced the primary config (Hydra reports its own errors)
     try:
         fixed, by_key = _split_overrides(args.overrides)
     except HydraException as error:
@@ -207,7 +217,8 @@ def preflight(args: argparse.Namespace) -> Path | None:
         for cfg in [base] if jobs == [fixed] else _job_configs(args, base, jobs, search):
             validate(cfg)
             _check_data_dir(cfg)
-        return _check_outputs(args, base)
+        first_rho = by_key["rho"][0].split("=", 1)[1] if args.multirun and "rho" in by_key else None
+        return Checked(_check_outputs(args, base), first_rho)
 
 
 def output_key(args: argparse.Namespace) -> str:

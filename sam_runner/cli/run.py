@@ -15,7 +15,6 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,13 +31,6 @@ from sam_runner.scale.slurm import JobLost
 
 # The first rho of a sweep: plain optimizers ignore rho, so their runs at other rho values are duplicates.
 PLAIN_RHO_ENV = "SAM_RUNNER_PLAIN_RHO"
-
-
-def _first_rho(overrides: list[str]) -> str | None:
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.key_or_group == "rho" and override.is_discrete_sweep():
-            return next(iter(override.sweep_string_iterator()))
-    return None
 
 
 def objective(summary: dict[str, Any]) -> float | None:
@@ -165,7 +157,8 @@ def main() -> None:
         args = hydra_arguments(sys.argv[1:])
         with contextlib.ExitStack() as held:
             try:
-                output = preflight(args)
+                checked = preflight(args)
+                output = checked.output
                 if output is not None and args.multirun:
                     held.enter_context(held_sweep_dir(output))
             except SamRunnerError as error:
@@ -174,9 +167,8 @@ def main() -> None:
                 stopping.undo_when_stopped_at_once(_unmade(output))
                 sys.argv.append(pinned_output(args, output))
             sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
-            first_rho = _first_rho(args.overrides) if args.multirun else None
-            if first_rho is not None:
-                os.environ[PLAIN_RHO_ENV] = first_rho
+            if checked.first_rho is not None:
+                os.environ[PLAIN_RHO_ENV] = checked.first_rho
             if args.multirun:
                 held.enter_context(stops_handed_to_workers())
             with _removed_if_not_started(None if args.multirun or output is None else output):
