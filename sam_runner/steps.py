@@ -70,8 +70,10 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
     micro_batch_size: int | None = None,
+    accumulate: int = 1,
     loss_weight: float = 1.0,
     clean_pass: Callable[[], AbstractContextManager] = nullcontext,
+    no_sync: Callable[[], AbstractContextManager] = nullcontext,
 ) -> StepResult:
     """One optimizer step on (inputs, targets); the two-pass SAM step when `optimizer` is a SAM.
 
@@ -79,101 +81,161 @@ def train_step(
     scaler: one GradScaler for the whole step, updated exactly once.
     max_grad_norm: clip the gradient the base optimizer uses (SAM: the second-pass gradient).
     micro_batch_size: SAM's m-sharpness — each chunk of m samples gets its own ε.
+    accumulate: gradient accumulation — forward and backward k micro-batches of the batch one at a time, their
+        gradients summed weighted by size, so the step is the one-piece step in 1/k of the activation memory
+        (SAM: a clean pass over the micro-batches, ε from the whole batch's gradient, a second pass at w + ε).
     loss_weight: multiply every loss by this before backward (the reported losses are not): under DDP, a
         rank's share of an uneven global batch, so that DDP's mean over ranks is the global batch's mean.
     clean_pass: SAM only — a context entered around each clean forward + backward; DDP's `no_sync` keeps
         the gradient that ε is taken from on this rank (per-worker ε, m-sharpness across devices).
+    no_sync: entered around every micro-batch of an accumulation pass but the last (DDP's `no_sync`), so the
+        gradients are all-reduced once per pass, not once per micro-batch.
     """
     if scaler is not None and not scaler.is_enabled():
         scaler = None
-    if isinstance(optimizer, SAM):
-        return _sam_step(model, inputs, targets, optimizer, criterion, autocast_dtype, scaler, max_grad_norm,
-                         micro_batch_size, loss_weight, clean_pass)
-    if micro_batch_size is not None or clean_pass is not nullcontext:
+    if not isinstance(optimizer, SAM) and (micro_batch_size is not None or clean_pass is not nullcontext):
         raise ValueError("train_step: micro_batch_size (m-sharpness) and clean_pass apply to SAM only; got a "
                          f"{type(optimizer).__name__}")
+    passes = _Passes(model, criterion, autocast_dtype, scaler, loss_weight, no_sync, _has_active_dropout(model))
+    units = step_pieces(inputs.shape[0], accumulate, micro_batch_size)
+    if isinstance(optimizer, SAM):
+        return _sam_step(passes, inputs, targets, optimizer, units, max_grad_norm, clean_pass)
     optimizer.zero_grad(set_to_none=True)
-    loss, correct = _forward(model, inputs, targets, criterion, autocast_dtype)
-    _backward(loss, scaler, weight=loss_weight)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    grad_norm = _norm_and_clip(optimizer, max_grad_norm)
-    if scaler is None:
-        optimizer.step()
-        return StepResult(loss.detach(), correct, grad_norm)
-    scaler.step(optimizer)  # host sync inside: GradScaler reads found_inf to decide whether to step
-    scaler.update()
-    return StepResult(loss.detach(), correct, grad_norm, skipped=_non_finite(grad_norm))
+    (pieces,) = units
+    loss, correct, _ = passes.run(inputs, targets, pieces)
+    grad_norm, skipped = _base_step(optimizer, scaler, max_grad_norm)
+    return StepResult(loss, correct, grad_norm, skipped=skipped)
+
+
+Rows = tuple[int, int]  # [start, stop) of a batch's rows
+
+
+def micro_batches(n: int, accumulate: int) -> list[Rows]:
+    """The rows of the `accumulate` micro-batches of an n-sample batch: contiguous, in order, sizes differing by at
+    most one (the first n mod k one larger, as torch.tensor_split cuts); n of one sample each when n < k (an
+    epoch's last, partial batch)."""
+    base, extra = divmod(n, min(accumulate, n))
+    bounds = [0]
+    for i in range(min(accumulate, n)):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def step_pieces(n: int, accumulate: int = 1, micro_batch_size: int | None = None) -> list[list[Rows]]:
+    """What one step on an n-sample batch forwards: per unit that gets its own ε (an m-sharpness chunk, else the
+    whole batch), the rows of its pieces (its parts in each micro-batch: a micro-batch is also cut at chunk
+    boundaries, so every chunk's gradient is its own whatever `accumulate` is)."""
+    m = micro_batch_size or n
+    units = [(start, min(start + m, n)) for start in range(0, n, m)]
+    cuts = micro_batches(n, accumulate)
+    return [[(max(a, s), min(b, t)) for s, t in cuts if max(a, s) < min(b, t)] for a, b in units]
+
+
+@dataclass
+class _Passes:
+    """The step's settings for its forward + backward passes, and one accumulation pass over a unit's pieces."""
+
+    model: nn.Module
+    criterion: Criterion
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    loss_weight: float
+    no_sync: Callable[[], AbstractContextManager]
+    replay_dropout: bool
+
+    def run(self, inputs: Tensor, targets: Tensor, pieces: list[Rows], *,
+            last: Callable[[], AbstractContextManager] = nullcontext, gate: Tensor | None = None,
+            rng_states: list[Tensor] | None = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Forward + backward of every piece, the gradients summing in `.grad` as the unit's mean loss's gradient
+        (each piece's mean loss weighted by its share of the unit).
+
+        Every piece but the last runs under `no_sync` and the last under `last` (forward too: DDP decides at
+        forward time whether a backward all-reduces). With `rng_states` (SAM's perturbed pass), each piece
+        first puts back the dropout generator state its clean pass started from: the two passes of a piece draw
+        the same masks. Returns the unit's mean loss and correct count (detached) and the generator state before
+        each piece (empty when the model draws no dropout mask).
+        """
+        n = pieces[-1][1] - pieces[0][0]
+        device = inputs.device
+        loss_sum, correct_sum, states = None, None, []
+        for i, (start, stop) in enumerate(pieces):
+            if rng_states is not None and self.replay_dropout:
+                _set_rng_state(device, rng_states[i])
+            elif self.replay_dropout:
+                states.append(_rng_state(device))
+            share = (stop - start) / n
+            with last() if i == len(pieces) - 1 else self.no_sync():
+                loss, correct = _forward(self.model, inputs[start:stop], targets[start:stop], self.criterion,
+                                         self.autocast_dtype)
+                _backward(loss, self.scaler, gate, self.loss_weight * share)
+            loss = loss.detach() if share == 1 else share * loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            correct_sum = correct if correct_sum is None else correct_sum + correct
+        return loss_sum, correct_sum, states
 
 
 def _sam_step(
-    model: nn.Module,
+    passes: _Passes,
     inputs: Tensor,
     targets: Tensor,
     optimizer: SAM,
-    criterion: Criterion,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
+    units: list[list[Rows]],
     max_grad_norm: float | None,
-    micro_batch_size: int | None,
-    loss_weight: float,
     clean_pass: Callable[[], AbstractContextManager],
 ) -> StepResult:
-    """Per chunk: clean pass → ε → perturbed pass at w + ε → restore w; then one base step with the
-    chunk-size-weighted mean of the perturbed gradients (plain SAM is one chunk, the whole batch)."""
-    n = inputs.shape[0]
-    chunks = list(zip(inputs.split(micro_batch_size), targets.split(micro_batch_size))) if micro_batch_size \
-        else [(inputs, targets)]
+    """Per unit (an m-sharpness chunk, or the whole batch): a clean accumulation pass over its pieces → ε from
+    the unit's gradient → a perturbed accumulation pass at w + ε → restore w; then one base step with the
+    unit-size-weighted mean of the perturbed gradients."""
+    n, scaler = inputs.shape[0], passes.scaler
     # 1/scale as a tensor (scale(1) = the scale, without a host sync), to unscale the clean-pass gradient
     # by hand: GradScaler allows one unscale_ per optimizer per update, and that one is the second pass's.
     inv_scale = None if scaler is None else \
         scaler.scale(torch.ones((), device=inputs.device)).double().reciprocal().float()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    replay_dropout = _has_active_dropout(model)
     accumulated: dict[Tensor, Tensor] = {}
     totals = dict(loss=0.0, correct=0, perturbed_loss=0.0, perturbed_correct=0, perturbation_norm=0.0)
-    for x, y in chunks:
-        weight = x.shape[0] / n
+    for pieces in units:
+        weight = (pieces[-1][1] - pieces[0][0]) / n
         optimizer.zero_grad(set_to_none=True)
-        rng_state = _rng_state(x.device) if replay_dropout else None
-        with clean_pass():  # forward too: DDP decides at forward time whether this backward all-reduces
-            loss, correct = _forward(model, x, y, criterion, autocast_dtype)
-            _backward(loss, scaler, weight=loss_weight)
+        loss, correct, rng_states = passes.run(inputs, targets, pieces, last=clean_pass)
         if inv_scale is not None:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
         # w is restored after the perturbed backward, which still needs the perturbed weights
-        with optimizer.perturbed(), frozen_batchnorm_stats(model):  # BatchNorm: around backward too (versions)
+        with optimizer.perturbed(), frozen_batchnorm_stats(passes.model):  # BatchNorm: around backward too
             gate = None
             if scaler is not None:
                 # A non-finite clean-pass gradient must skip the whole step. Multiplying the perturbed loss by
                 # NaN (else exactly 1) makes the second-pass gradient non-finite, so GradScaler's own check
                 # skips the base step and lowers the scale; no host sync needed here.
                 gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
-            if rng_state is not None:  # the perturbed pass draws the clean pass's dropout masks again
-                _set_rng_state(x.device, rng_state)
-            perturbed_loss, perturbed_correct = _forward(model, x, y, criterion, autocast_dtype)
-            _backward(perturbed_loss, scaler, gate, loss_weight)
-        if len(chunks) > 1:
+            perturbed_loss, perturbed_correct, _ = passes.run(inputs, targets, pieces, gate=gate,
+                                                              rng_states=rng_states)
+        if len(units) > 1:
             _accumulate(accumulated, params, weight)
-        totals["loss"] += weight * loss.detach()
+        totals["loss"] += weight * loss
         totals["correct"] += correct
-        totals["perturbed_loss"] += weight * perturbed_loss.detach()
+        totals["perturbed_loss"] += weight * perturbed_loss
         totals["perturbed_correct"] += perturbed_correct
-        totals["perturbation_norm"] += optimizer.last_perturbation_norm / len(chunks)
+        totals["perturbation_norm"] += optimizer.last_perturbation_norm / len(units)
     for p, grad in accumulated.items():
         p.grad = grad
+    grad_norm, skipped = _base_step(optimizer.base_optimizer, scaler, max_grad_norm)
+    return StepResult(grad_norm=grad_norm, skipped=skipped, **totals)
 
+
+def _base_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, max_grad_norm: float | None
+               ) -> tuple[Tensor, Tensor | None]:
+    """Unscale (fp16), measure and clip the gradient in `.grad`, and step: through the scaler, which skips a
+    non-finite step and updates its scale once. Returns the norm before clipping and, with a scaler, `skipped`."""
     if scaler is not None:
-        scaler.unscale_(optimizer.base_optimizer)
+        scaler.unscale_(optimizer)
     grad_norm = _norm_and_clip(optimizer, max_grad_norm)
     if scaler is None:
-        optimizer.base_optimizer.step()
-        skipped = None
-    else:
-        scaler.step(optimizer.base_optimizer)  # host sync inside: GradScaler reads found_inf to decide
-        scaler.update()
-        skipped = _non_finite(grad_norm)
-    return StepResult(grad_norm=grad_norm, skipped=skipped, **totals)
+        optimizer.step()
+        return grad_norm, None
+    scaler.step(optimizer)  # host sync inside: GradScaler reads found_inf to decide whether to step
+    scaler.update()
+    return grad_norm, _non_finite(grad_norm)
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:

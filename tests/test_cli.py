@@ -116,6 +116,8 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
     ("rho=-0.1", "rho must be >= 0"),
     ("rho=abc", "rho: Value 'abc'"),
     ("batch_size=0", "batch_size must be > 0"),
+    ("accumulate=65", "accumulate must be an integer in [1, batch_size=64] micro-batches per optimizer step (got 65)"),
+    ("accumulate=2.5", "accumulate: Value '2.5' of type 'float' could not be converted to Integer"),
     ("rhoo=0.1", "unknown key 'rhoo'"),
     ("device=gpu", "expected one of [auto, cpu, cuda]"),
     ("model=custom", "model._target_ must be set"),

@@ -120,8 +120,9 @@ def test_batch_sizes_of_one_pass() -> None:
     assert batch_sizes(100, 32) == [32, 4] and batch_sizes(96, 32) == [32] and batch_sizes(10, 32) == [10]
 
 
+@pytest.mark.parametrize("accumulate", [1, 3])  # 3: micro-batches of 22 + 21 + 21, also cut at the chunks of 24
 @pytest.mark.parametrize("device", ["cpu", ON_CUDA])
-def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(device: str) -> None:
+def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(device: str, accumulate: int) -> None:
     """CPU: graphs counted, run as captured. CUDA: through Inductor, in bf16 autocast as sam-run trains there."""
     # 250 training samples in batches of 64 (a partial last batch), m-sharpness chunks of 24, a validation split,
     # and eval batches of 100 over 225 training, 25 validation and 128 test samples: many batch sizes.
@@ -135,7 +136,7 @@ def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(
     before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
     counter, clock = GraphCounter(inductor=device == "cuda"), Stopwatch()
 
-    compile_model(model, data, autocast_dtype, cfg.optimizer.sam, clock, backend=counter)
+    compile_model(model, data, autocast_dtype, cfg.optimizer.sam, clock, backend=counter, accumulate=accumulate)
 
     assert clock.times()["compile_time_s"] > 0 and counter.graphs > 0
     for name, value in model.state_dict().items():  # weights and BatchNorm statistics untouched
@@ -146,7 +147,7 @@ def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(
     optimizer = _sam(model)
     for inputs, targets in data.train.epoch(0):  # a whole epoch and every evaluation of the run: nothing new
         train_step(model, inputs, targets, optimizer, F.cross_entropy, micro_batch_size=24,
-                   autocast_dtype=autocast_dtype)
+                   autocast_dtype=autocast_dtype, accumulate=accumulate)
     for stream in (data.train_eval, data.val, data.test):
         evaluate(model, stream, autocast_dtype)
     assert counter.graphs == compiled

@@ -71,6 +71,28 @@ def _batchnorm_after_one_step(world: World, sam_mode: str) -> dict[str, dict[str
     return {"own": own, "broadcast": distributed.unwrap(model)[1].state_dict()}
 
 
+def _allreduces_per_step(world: World, make_optimizer, sam_mode: str, accumulate: int) -> int:
+    """How many bucket all-reduces one step on a batch of 12 makes (a comm hook counts them)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    x, y = _data()
+    model = distributed.wrap_model(_mlp(), world)
+    calls = []
+
+    def counted(state, bucket):
+        calls.append(1)
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, counted)
+    distributed.distributed_step(model, x[:12], y[:12], make_optimizer(model), nn.CrossEntropyLoss(), world,
+                                 sam_mode=sam_mode, accumulate=accumulate)
+    return len(calls)
+
+
+def _momentum_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
 def _evaluation_sums(world: World) -> torch.Tensor:
     x, y = _data()
     model = _mlp()
@@ -94,6 +116,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "global": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5),
             "local": _train(world, "local", LOCAL_BATCHES, _plain_sam),
             "local_micro": _train(world, "local", MICRO_BATCHES, _plain_sam, micro_batch_size=3),
+            "global_accumulate": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5,
+                                        accumulate=2),  # the last batch's shards 4 + 3: micro-batches 2+2, 2+1
+            "local_accumulate": _train(world, "local", LOCAL_BATCHES, _plain_sam, accumulate=3),
+            "plain_accumulate": _train(world, "global", GLOBAL_BATCHES, _momentum_sgd, accumulate=3),
+            "allreduces": {(name, mode, k): _allreduces_per_step(world, make, mode, k)
+                           for name, make in (("sgd", _momentum_sgd), ("sam", _plain_sam))
+                           for mode in ("global", "local") for k in (1, 3)},
             "bn_global": _batchnorm_after_one_step(world, "global"),
             "bn_local": _batchnorm_after_one_step(world, "local"),
             "evaluation": _evaluation_sums(world),
@@ -134,6 +163,28 @@ def test_global_mode_equals_single_process_sam_on_the_global_batch(ranks):
     assert moved
     for rank in ranks:
         _assert_same_weights(rank["global"], model.state_dict())
+
+
+def test_accumulation_under_ddp_equals_single_process_one_piece_steps(ranks):
+    """Global SAM with clipping and plain SGD, each rank's shard in micro-batches: the one-process, one-piece steps."""
+    x, y = _data()
+    for key, make_optimizer, options in (("global_accumulate", _momentum_sam, dict(max_grad_norm=0.5)),
+                                         ("plain_accumulate", _momentum_sgd, {})):
+        model = _mlp()
+        optimizer = make_optimizer(model)
+        for start, stop in GLOBAL_BATCHES:
+            train_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(), **options)
+        for rank in ranks:
+            _assert_same_weights(rank[key], model.state_dict())
+
+
+def test_accumulation_all_reduces_once_per_pass_not_per_micro_batch(ranks):
+    counts = ranks[0]["allreduces"]
+    for name in ("sgd", "sam"):
+        for mode in ("global", "local"):
+            assert counts[(name, mode, 3)] == counts[(name, mode, 1)] > 0, (name, mode)
+    assert counts[("sam", "global", 1)] == 2 * counts[("sgd", "global", 1)]  # SAM: the clean and perturbed pass
+    assert counts[("sam", "local", 1)] == counts[("sgd", "global", 1)]  # local: the clean pass stays on the rank
 
 
 def test_processes_join_as_torchrun_describes_and_leave(ranks):
@@ -186,6 +237,12 @@ def test_local_mode_with_micro_batches_gives_each_chunk_of_each_shard_its_own_ep
     expected = _explicit_local_sam([[(0, 3), (3, 6), (6, 9), (9, 12)], [(12, 15), (15, 16), (16, 19), (19, 20)]])
     for rank in ranks:
         _assert_same_weights(rank["local_micro"], expected)
+
+
+def test_local_mode_with_accumulation_keeps_each_shard_s_epsilon(ranks):
+    expected = _explicit_local_sam([[(0, 6), (6, 12)], [(12, 16), (16, 19)]])
+    for rank in ranks:
+        _assert_same_weights(rank["local_accumulate"], expected)
 
 
 def test_local_and_global_modes_differ(ranks):

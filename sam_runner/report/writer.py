@@ -114,7 +114,8 @@ def _plots(runs: list[Run], groups: list[Group], found: list[Correlation], out_d
     return written
 
 
-BATCH_DEPENDENT_KEYS = ("batch_size", "lr", "steps_budget", "epochs")  # differ between the two runs of a pair
+# differ between the two runs of a pair (accumulate: a large batch may need micro-batches where a small one does not)
+BATCH_DEPENDENT_KEYS = ("batch_size", "accumulate", "lr", "steps_budget", "epochs")
 
 
 def flatness_pair(runs: list[Run]) -> tuple[Run, Run] | None:

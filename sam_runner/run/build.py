@@ -31,7 +31,7 @@ from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.ranks import Team
 from sam_runner.sharpness import MeasureChoice
-from sam_runner.steps import frozen_batchnorm_stats
+from sam_runner.steps import frozen_batchnorm_stats, step_pieces
 
 log = logging.getLogger("sam_runner")
 def _partial(node: DictConfig, where: str) -> Callable[..., Any]:
@@ -119,7 +119,7 @@ def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]
 
 
 def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, sam: DictConfig | None,
-                  clock: Stopwatch, backend: str | Callable[..., Any] = "inductor") -> None:
+                  clock: Stopwatch, backend: str | Callable[..., Any] = "inductor", accumulate: int = 1) -> None:
     """Compile `model` in place (`nn.Module.compile`: the module, its parameters and state-dict keys stay the
     same objects, so SAM's parameter groups and checkpoints are unaffected), then compile every graph the run
     will call before its first step, timed as the clock's `compile` phase (`compile_time_s` in summary.json).
@@ -135,7 +135,7 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     log.info("compile=true: compiling the model's graphs before the first step (seconds to minutes)")
     with clock("compile"), torch.random.fork_rng(devices=_cuda_devices(model)):  # dropout draws stay the run's
         try:
-            _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None)
+            _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None, accumulate)
         except BackendCompilerFailed as error:  # e.g. Inductor on a CPU without a C++ compiler
             inner = error.inner_exception
             reason = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[:1]])
@@ -152,7 +152,8 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     return sorted({min(batch_size, num_samples), num_samples % batch_size} - {0}, reverse=True)
 
 
-def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, micro_batch_size: int | None) -> None:
+def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, micro_batch_size: int | None,
+             accumulate: int = 1) -> None:
     """Call the compiled model once for every graph training and evaluation use; leave weights, gradients and
     BatchNorm statistics as they were. Sharpness measures run eagerly (sharpness.py), so they need none."""
     def autocast(device_type: str) -> torch.autocast:  # as the step and evaluation run: autocast state is guarded
@@ -160,8 +161,9 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
     inputs, targets = next(iter(data.train.epoch(0)))  # the run's own first batch (its own generator, no RNG use)
     train_sizes = batch_sizes(data.train.num_samples, data.train.batch_size)
-    if micro_batch_size is not None:  # m-sharpness forwards chunks of m samples
-        train_sizes = sorted({m for size in train_sizes for m in batch_sizes(size, micro_batch_size)}, reverse=True)
+    # what a step forwards: m-sharpness chunks of m samples, accumulation's micro-batches (steps.step_pieces)
+    train_sizes = sorted({stop - start for size in train_sizes for unit in step_pieces(size, accumulate, micro_batch_size)
+                          for start, stop in unit}, reverse=True)
     model.train()
     with frozen_batchnorm_stats(model):
         for size in train_sizes:
@@ -280,11 +282,12 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
     micro_batch_size = sam.micro_batch_size if sam is not None else None
     distributed.check_setup(team.world, batch_size=settings.batch_size, num_samples=data.train.num_samples,
                             sam_mode=settings.ddp.sam_mode, sync_batchnorm=settings.ddp.sync_batchnorm,
-                            compile=settings.compile, micro_batch_size=micro_batch_size)
+                            compile=settings.compile, micro_batch_size=micro_batch_size,
+                            accumulate=settings.accumulate)
     plan = make_plan(settings, len(data.train))
     model = build_model(spec.model, data.num_classes, data.input_shape).to(team.device)
     if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
-        compile_model(model, data, spec.autocast_dtype, sam, clock)
+        compile_model(model, data, spec.autocast_dtype, sam, clock, accumulate=settings.accumulate)
     optimizer = build_optimizer(spec.optimizer, settings.rho, plan.lr, model)
     scheduler = build_scheduler(spec.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
     model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)

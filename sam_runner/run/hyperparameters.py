@@ -57,6 +57,7 @@ class HyperParameters:
     lr_scaling: str = _setting()
     lr_reference_batch_size: int = _setting()
     batch_size: int = _setting()
+    accumulate: int = _setting()  # micro-batches per optimizer step (the batch is batch_size whatever it is)
     budget: str = _setting()
     epochs: Optional[int] = _derived(lambda spec: spec.settings.epochs if spec.settings.budget == "epochs" else None)
     steps_budget: Optional[int] = _derived(lambda spec: None)  # optimizer updates: known once the data is built

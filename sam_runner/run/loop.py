@@ -111,7 +111,8 @@ def train_epoch(run: Training, logbook: Logbook, progress: Progress, summary: di
         result = distributed.distributed_step(
             run.model, inputs, targets, run.optimizer, run.criterion, run.team.world,
             sam_mode=run.settings.ddp.sam_mode, autocast_dtype=run.autocast_dtype, scaler=run.scaler,
-            max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size)
+            max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size,
+            accumulate=run.settings.accumulate)
         run.scheduler.step()
         progress.totals.add(result, run.team.share(targets.shape[0]))  # this rank's shard of the global batch
         progress.batch, progress.step = progress.batch + 1, progress.step + 1

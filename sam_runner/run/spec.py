@@ -75,6 +75,7 @@ class Settings:
     lr_scaling: str = "none"
     lr_reference_batch_size: int = 128
     batch_size: int = 128
+    accumulate: int = 1
     budget: str = "epochs"
     epochs: int = 100
     steps: Optional[int] = None
@@ -174,6 +175,9 @@ def validate(cfg: DictConfig) -> Settings:
     _require(top.rho >= 0, f"rho must be >= 0 (got {top.rho}): it is the radius of the weight perturbation")
     _require(top.lr > 0, f"lr must be > 0 (got {top.lr})")
     _require(top.batch_size > 0, f"batch_size must be > 0 (got {top.batch_size})")
+    _require(1 <= top.accumulate <= top.batch_size,
+             f"accumulate must be an integer in [1, batch_size={top.batch_size}] micro-batches per optimizer step "
+             f"(got {top.accumulate})")
     _require(top.epochs > 0, f"epochs must be > 0 (got {top.epochs})")
     _require(top.lr_reference_batch_size > 0,
              f"lr_reference_batch_size must be > 0 samples (got {top.lr_reference_batch_size})")

@@ -85,12 +85,14 @@ def _world_from_env(device: torch.device, env: Mapping[str, str]) -> World:
 
 
 def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: str,
-                micro_batch_size: int | None = None, sync_batchnorm: bool = False, compile: bool = False) -> None:
+                micro_batch_size: int | None = None, accumulate: int = 1, sync_batchnorm: bool = False,
+                compile: bool = False) -> None:
     """Refuse, before anything is built, what the distributed step cannot do right; nothing for one process.
 
     Every rank needs at least one sample of every batch (an empty shard has no mean loss and breaks
     BatchNorm); uneven shards are fine (see `shard`), except with micro-batches, where every rank must cut the
-    same chunks so the perturbed passes all-reduce in step.
+    same chunks so the perturbed passes all-reduce in step, and with accumulation, where every rank must cut the same
+    number of micro-batches (each pass all-reduces once, at its last micro-batch, with DDP's collectives in step).
     """
     if sam_mode not in SAM_MODES:
         raise ConfigError(f"unknown DDP SAM mode {sam_mode!r}: use one of {', '.join(SAM_MODES)}")
@@ -113,6 +115,10 @@ def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: st
         raise ConfigError(f"micro_batch_size needs every batch split evenly over the {size} processes: "
                           f"batch_size={batch_size} and the last batch of {last or batch_size} must be "
                           f"multiples of {size}")
+    smallest = (last or batch_size) // size  # the smallest shard of any batch (last < batch_size)
+    if accumulate > smallest:
+        raise ConfigError(f"accumulate={accumulate} is more micro-batches than the {smallest} samples of the "
+                          f"smallest shard ({size} processes): use accumulate <= {smallest} or fewer processes")
     if sync_batchnorm and world.device.type != "cuda":
         raise ConfigError("sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU kernel): set "
                           "sync_batchnorm=false")
@@ -176,7 +182,8 @@ def distributed_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimize
     global: DDP all-reduces the clean-pass gradient, so ε and the update equal single-process SAM on the global
     batch. local: the clean pass runs under `no_sync`, so each rank perturbs with its own shard's gradient, and
     the perturbed gradients are averaged (weighted by shard size): m-sharpness with m = the rank's share. A
-    plain optimizer ignores `sam_mode`. step_options go to `train_step` (AMP, clipping, micro-batches).
+    plain optimizer ignores `sam_mode`. step_options go to `train_step` (AMP, clipping, micro-batches,
+    accumulation: its micro-batches but the last run under `no_sync`, so each pass all-reduces once).
 
     The result is this rank's: losses are its shard's means, counts its shard's; `all_reduce_sum` the epoch's
     totals (and the shard sizes) before reading them.
@@ -186,7 +193,7 @@ def distributed_step(model: nn.Module, inputs: Tensor, targets: Tensor, optimize
     x, y, weight = shard(inputs, targets, world)
     local = sam_mode == "local" and isinstance(optimizer, SAM)
     return train_step(model, x, y, optimizer, criterion, loss_weight=weight,
-                      clean_pass=model.no_sync if local else nullcontext, **step_options)
+                      clean_pass=model.no_sync if local else nullcontext, no_sync=model.no_sync, **step_options)
 
 
 def all_reduce_sum(tensor: Tensor, world: World) -> Tensor:
