@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, composed, read_json, run_in_process
+from conftest import TINY, composed, read_json, run_cli, run_in_process
 from test_resume import assert_same_run
 from torch import nn
 from torch.func import functional_call
@@ -462,3 +462,37 @@ def test_a_rho_sweep_over_gsam_gives_one_label_per_radius():
     assert [optimizer_label(s, with_rho=True) for s in summaries] == ["gsam ρ=0.05 α=0.4 ρ∝lr",
                                                                        "gsam ρ=0.1 α=0.4 ρ∝lr"]
     assert optimizer_label({**summaries[0], "base_optimizer": "adamw"}) == "gsam(adamw) α=0.4 ρ∝lr"
+
+
+@pytest.mark.parametrize("variant", ["usam", "gsam"])
+def test_compiled_variant_steps_agree_with_eager_ones(variant):
+    """compile=true compiles the model only (the optimizer runs eagerly): with Dynamo + AOTAutograd (`aot_eager`,
+    no C++ build) the variant's steps on a BatchNorm network match the eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv1d(1, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 12, 4))
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
+    make = (lambda m: USAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)) if variant == "usam" \
+        else (lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1, momentum=0.9))
+    eager_opt, compiled_opt = make(eager), make(compiled)
+    try:
+        for _ in range(3):
+            want = train_step(eager, x, y, eager_opt, F.cross_entropy)
+            got = train_step(compiled, x, y, compiled_opt, F.cross_entropy)
+            torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_sam_run_refuses_a_bad_variant_setting_with_exit_2_before_writing(workdir):
+    result = run_cli("sam-run", *TINY, "optimizer=gsam", "rho=0.01", "hydra.run.dir=refused", cwd=workdir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optimizer.sam.rho_min must be in [0, rho=0.01]" in lines[0], result.stderr
+    assert not (workdir / "refused").exists()
