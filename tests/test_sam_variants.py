@@ -24,9 +24,9 @@ from sam_runner.errors import ConfigError
 from sam_runner.optim import GSAM, SAM, USAM
 from sam_runner.report.runs import optimizer_label
 from sam_runner.run.spec import validate
-from sam_runner.schedules import cosine
 from sam_runner.scale import distributed
 from sam_runner.scale.distributed import World
+from sam_runner.schedules import cosine
 from sam_runner.steps import train_step
 
 # ---------------------------------------------------------------------------------------------------------
