@@ -200,6 +200,11 @@ def _sam_step(
         loss, correct, rng_states = passes.run(inputs, targets, pieces, last=clean_pass)
         if inv_scale is not None:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
+        if clean_pass is not nullcontext and passes.loss_weight != 1.0:
+            # a rank's own gradient (DDP local mode, under no_sync) carries its share weight of the global batch:
+            # ε is taken from its own mean gradient (USAM's ε = ρ·g, and the L2 term of perturb_weight_decay,
+            # are not invariant to that weight)
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / passes.loss_weight)
         # w is restored after the perturbed backward, which still needs the perturbed weights
         with optimizer.perturbed(), frozen_batchnorm_stats(passes.model):  # BatchNorm: around backward too
             gate = None

@@ -331,6 +331,7 @@ def test_accumulation_equals_the_one_piece_step(variant):
 # DDP on gloo, two CPU processes: global mode equals one process on the global batch.
 
 DDP_BATCHES = [(0, 12), (12, 24), (24, 31)]
+DDP_LOCAL_BATCHES = [(0, 12), (12, 19)]  # shards 6 + 6, then 4 + 3
 
 
 def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,10 +367,16 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                 distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
                                              world, sam_mode="global", max_grad_norm=0.5)
             results[name] = distributed.unwrap(model).state_dict()
+        model = distributed.wrap_model(_ddp_mlp(), world)  # local mode: each process's own ε = ρ·g_shard
+        optimizer = USAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.2)
+        for start, stop in DDP_LOCAL_BATCHES:
+            distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
+                                         world, sam_mode="local")
+        results["usam_local"] = distributed.unwrap(model).state_dict()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def test_ddp_global_mode_equals_one_process_on_the_global_batch(tmp_path):
+def test_ddp_global_mode_equals_one_process_and_usam_local_mode_the_per_shard_formula(tmp_path):
     import socket
 
     with socket.socket() as s:
@@ -386,6 +393,18 @@ def test_ddp_global_mode_equals_one_process_on_the_global_batch(tmp_path):
         for rank in ranks:
             for key, value in model.state_dict().items():
                 torch.testing.assert_close(rank[name][key], value, rtol=1e-10, atol=1e-12, msg=(name, key))
+
+
+    # local mode, written out: w ← w − η Σ_shards (n_s/n) ∇L_s(w + ρ ∇L_s(w))
+    model = _ddp_mlp()
+    w = _weights(model)
+    for shards in ([(0, 6), (6, 12)], [(12, 16), (16, 19)]):
+        n = shards[-1][1] - shards[0][0]
+        directions = [_reference_direction(model, w, x[a:b], y[a:b], 0.3, "usam") for a, b in shards]
+        w = _plain_sgd(w, {k: sum((b - a) / n * d[k] for (a, b), d in zip(shards, directions)) for k in w}, 0.2)
+    for rank in ranks:
+        for key, value in w.items():
+            torch.testing.assert_close(rank["usam_local"][key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
 def test_gsam_with_the_local_ddp_mode_is_refused_in_one_line():
