@@ -515,3 +515,23 @@ def test_sam_run_refuses_a_bad_variant_setting_with_exit_2_before_writing(workdi
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "optimizer.sam.rho_min must be in [0, rho=0.01]" in lines[0], result.stderr
     assert not (workdir / "refused").exists()
+
+
+@pytest.mark.parametrize("variant", ["usam", "gsam"])
+def test_bf16_autocast_steps_stay_close_to_fp32(variant):
+    """bf16 autocast (no scaler): the forwards in bf16, gradients, ε and the decomposition in the fp32 parameters'
+    dtype; two steps stay within bf16's resolution of the fp32 ones."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    twin = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+    make = (lambda m: USAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.05)) if variant == "usam" \
+        else (lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.05))
+    opt, twin_opt = make(net), make(twin)
+    for _ in range(2):
+        low = train_step(net, x, y, opt, F.cross_entropy, autocast_dtype=torch.bfloat16)
+        full = train_step(twin, x, y, twin_opt, F.cross_entropy)
+        assert math.isfinite(low.loss.item()) and low.loss.item() == pytest.approx(full.loss.item(), rel=3e-2)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3)
