@@ -1,4 +1,5 @@
-"""Sharpness-Aware Minimization (Foret et al. 2021) and its adaptive form ASAM (Kwon et al. 2021).
+"""Sharpness-Aware Minimization (Foret et al. 2021), its adaptive form ASAM (Kwon et al. 2021), and two variants:
+unnormalized SAM (`USAM`, ε = ρ·g) and GSAM (`GSAM`, Zhuang et al. 2022: the surrogate-gap descent direction).
 
 `SAM` wraps a base optimizer. One SAM step: the gradient g at w is there; `perturbed()` moves w to w + ε(g) for
 its body, in which the caller computes the gradient at w + ε, and puts w back exactly when the body ends; then the
@@ -7,6 +8,7 @@ sequence; `first_step`/`second_step` are its two halves for users who drive it b
 docs/sam.md; the bugs of the popular PyTorch port this fixes are listed there too.
 """
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +18,8 @@ import torch
 from torch import Tensor
 
 _DELTA = 1e-12  # added to the norm so a zero gradient gives ε = 0, not 0/0
-_SAM_KEYS = ("rho", "adaptive", "eta", "perturb_weight_decay")
+_SAM_KEYS = ("rho", "adaptive", "eta", "perturb_weight_decay", "rho_schedule", "rho_min")
+RHO_SCHEDULES = ("constant", "lr")  # ρ fixed, or following the lr schedule (docs/sam.md "ρ schedule")
 
 
 def _buckets(tensors: Sequence[Tensor], extra: Callable[[int], Hashable] = lambda i: None) -> list[list[int]]:
@@ -36,6 +39,17 @@ def _at_least_fp32(tensors: list[Tensor]) -> list[Tensor]:
     if tensors[0].dtype in (torch.float32, torch.float64):
         return tensors
     return [t.float() for t in tensors]
+
+
+def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """⟨(x₁, …, xₙ), (y₁, …, yₙ)⟩ as a 0-dim tensor on the first tensor's device, accumulated in at least fp32."""
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in xs) else torch.float32
+    device = xs[0].device
+    partial = []
+    for idx in _buckets(xs):
+        products = torch._foreach_mul(_at_least_fp32([xs[i] for i in idx]), _at_least_fp32([ys[i] for i in idx]))
+        partial.append(torch.stack([t.sum() for t in products]).sum().to(device, out_dtype))
+    return partial[0] if len(partial) == 1 else torch.stack(partial).sum()
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -68,7 +82,13 @@ class SAM(torch.optim.Optimizer):
         perturb_weight_decay: include the L2 term weight_decay·w (the group's "weight_decay") in the gradient
             used for ε, as the official JAX code does by putting L2 into the loss. Off by default: ε sees
             only the data gradient and weight decay is left to the base optimizer.
+        rho_schedule: "constant" (ρ every step) or "lr": ρ_t = rho_min + (rho − rho_min)·lr_t / lr_peak, with lr_t
+            the group's lr at the step and lr_peak its lr when it was added (the run's peak lr), so ρ_t = rho at
+            the peak lr (docs/sam.md "ρ schedule").
+        rho_min: ρ_t at lr_t = 0 under rho_schedule="lr" (same units as rho); 0 makes ρ_t proportional to lr_t.
     """
+
+    normalized = True  # ε = ρ·g/‖g‖; USAM: ε = ρ·g
 
     def __init__(
         self,
@@ -78,9 +98,12 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.0,
         perturb_weight_decay: bool = False,
+        rho_schedule: str = "constant",
+        rho_min: float = 0.0,
         **base_kwargs: Any,
     ) -> None:
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb_weight_decay=perturb_weight_decay)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb_weight_decay=perturb_weight_decay,
+                        rho_schedule=rho_schedule, rho_min=rho_min)
         _check_group(defaults)
         super().__init__(params, dict(defaults, **base_kwargs))
         # The base optimizer is built over the very same group dicts, so LR schedulers and edits of
@@ -88,6 +111,8 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        for group in self.param_groups:
+            _set_lr_peak(group)
         self._perturbed: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, saved w) per bucket
         self.last_grad_norm: Tensor | None = None
         self.last_perturbation_norm: Tensor | None = None
@@ -95,20 +120,22 @@ class SAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Check ρ and eta; once built, the base optimizer owns the groups, so it adds (and fills) them."""
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
-            _check_group({k: param_group.get(k, self.defaults[k]) for k in ("rho", "eta")})
+            _check_group({k: param_group.get(k, self.defaults[k]) for k in _SAM_KEYS})
             super().add_param_group(param_group)
             return
         for key in _SAM_KEYS:
             param_group.setdefault(key, self.defaults[key])
         _check_group(param_group)
         self.base_optimizer.add_param_group(param_group)
+        _set_lr_peak(self.param_groups[-1])
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move every parameter that has a gradient to w + ε and keep w for `second_step`.
 
         ε = ρ·g / (‖g‖₂ + δ), or for ASAM ε = ρ·T²⊙g / (‖T⊙g‖₂ + δ) with T = |w| + eta; the norm is one
-        global norm over all groups, and norm and ε are computed in at least fp32. Records
+        global norm over all groups, and norm and ε are computed in at least fp32. ρ is the group's ρ_t
+        (`rho_schedule`); USAM (`normalized = False`) leaves out the division by the norm. Records
         `last_grad_norm` (‖g‖₂) and `last_perturbation_norm` (‖ε‖₂) as 0-dim tensors (no host sync).
         """
         entries = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -130,17 +157,18 @@ class SAM(torch.optim.Optimizer):
                 t = torch._foreach_abs(w32)
                 torch._foreach_add_(t, [groups[i]["eta"] for i in idx])
                 tg = torch._foreach_mul(t, g)
-            work.append((p, g, t, tg, [groups[i]["rho"] for i in idx]))
+            work.append((p, g, t, tg, [rho_t(groups[i]) for i in idx]))
 
         self.last_grad_norm = global_norm([x for _, g, _, _, _ in work for x in g])
         adaptive = any(t is not None for _, _, t, _, _ in work)
         denominator = global_norm([x for *_, tg, _ in work for x in tg]) if adaptive else self.last_grad_norm
-        inv = 1.0 / (denominator + _DELTA)
+        inv = 1.0 / (denominator + _DELTA) if self.normalized else None
 
         all_eps = []
         self._perturbed = []
         for p, _, t, tg, rho in work:
-            eps = torch._foreach_mul(tg, inv.to(p[0].device))  # a new list: the grads stay untouched
+            # a new list: the grads stay untouched (USAM: an exact copy, ×1)
+            eps = torch._foreach_mul(tg, inv.to(p[0].device)) if inv is not None else torch._foreach_mul(tg, 1.0)
             if t is not None:  # T²⊙g = T⊙(T⊙g)
                 torch._foreach_mul_(eps, t)
             torch._foreach_mul_(eps, rho)
@@ -180,9 +208,15 @@ class SAM(torch.optim.Optimizer):
             self.restore()
 
     @torch.no_grad()
+    def descent_gradient(self, grad_scale: Tensor | None = None) -> None:
+        """Turn the gradient at w + ε in `.grad` into the one the base optimizer steps with; SAM's is that gradient
+        itself (GSAM overrides). `grad_scale`: the loss scale the `.grad` values carry (fp16), None when none."""
+
+    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w, then let the base optimizer step with the gradient taken at w + ε."""
         self.restore()
+        self.descent_gradient()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -200,6 +234,7 @@ class SAM(torch.optim.Optimizer):
             )
         with self.perturbed(), torch.enable_grad():
             loss = closure()
+        self.descent_gradient()
         self.base_optimizer.step()
         return loss
 
@@ -215,11 +250,96 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:  # a plain base-optimizer state dict lacks SAM's keys
             for key in _SAM_KEYS:
                 group.setdefault(key, self.defaults[key])
+            _set_lr_peak(group)
             _check_group(group)
         self._perturbed = []
 
 
+def rho_t(group: dict[str, Any]) -> float:
+    """The group's radius this step: ρ, or under rho_schedule "lr" ρ_min + (ρ − ρ_min)·lr_t / lr_peak."""
+    if group["rho_schedule"] == "constant":
+        return group["rho"]
+    return group["rho_min"] + (group["rho"] - group["rho_min"]) * group["lr"] / group["lr_peak"]
+
+
+def _set_lr_peak(group: dict[str, Any]) -> None:
+    """The group's lr when it joined (the run's peak lr; a checkpoint's groups bring their own): rho_schedule "lr"
+    divides by it. An LR scheduler built later sets `initial_lr` to the same value."""
+    if "lr" in group:
+        group.setdefault("lr_peak", group.get("initial_lr", group["lr"]))
+
+
 def _check_group(group: dict[str, Any]) -> None:
-    for key in ("rho", "eta"):
+    for key in ("rho", "eta", "rho_min"):
         if group[key] < 0:
             raise ValueError(f"SAM: {key} must be >= 0, got {key}={group[key]!r}")
+    if group["rho_schedule"] not in RHO_SCHEDULES:
+        raise ValueError(f"SAM: rho_schedule must be one of {', '.join(RHO_SCHEDULES)}, got {group['rho_schedule']!r}")
+    if group["rho_schedule"] == "lr" and "lr" in group and not group["lr"] > 0:
+        raise ValueError(f"SAM: rho_schedule='lr' needs a peak lr > 0, got lr={group['lr']!r}")
+
+
+class USAM(SAM):
+    """Unnormalized SAM (Andriushchenko & Flammarion 2022; Agarwala & Dauphin 2023): ε = ρ·g, not divided by ‖g‖,
+    then the base step with the gradient at w + ε. ρ here is a step size (ε's length is ρ·‖g‖), not a radius."""
+
+    normalized = False
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any) -> None:
+        if kwargs.get("adaptive"):
+            raise ValueError("USAM: adaptive=True (an unnormalized ASAM) is not implemented; use adaptive=False")
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+
+class GSAM(SAM):
+    """GSAM (Zhuang et al., ICLR 2022, Algorithm 1): ε = ρ_t·g/‖g‖ as SAM's, g_p the gradient at w + ε; g is split
+    into its component along g_p and the orthogonal rest g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²)·g_p, and the base optimizer
+    steps with g_p − α·g_⊥. ρ_t follows the lr between rho_min and rho (= ρ_max) by default (rho_schedule "lr").
+
+    alpha: α, dimensionless (Table 4 of the paper: 0.01 for ResNets with SGD, 0.05–1.0 for ViT/Mixer with AdamW).
+    The clean gradient g is kept (one copy of the gradients) from `first_step` to `descent_gradient`.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.04, alpha: float = 0.01,
+                 rho_min: float = 0.02, rho_schedule: str = "lr", **kwargs: Any) -> None:
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"GSAM: alpha must be a finite number >= 0, got alpha={alpha!r}")
+        if kwargs.get("adaptive"):
+            raise ValueError("GSAM: adaptive=True is not implemented (the paper's adaptive ρ scales by |w|, not "
+                             "ASAM's T²); use adaptive=False")
+        self.alpha = alpha
+        self._clean: list[tuple[Tensor, Tensor]] = []
+        super().__init__(params, base_optimizer, rho=rho, rho_min=rho_min, rho_schedule=rho_schedule, **kwargs)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Keep the clean gradient g for the decomposition, then SAM's ascent."""
+        self._clean = [(p, p.grad.clone()) for group in self.param_groups for p in group["params"]
+                       if p.grad is not None]
+        super().first_step(zero_grad)
+
+    @torch.no_grad()
+    def descent_gradient(self, grad_scale: Tensor | None = None) -> None:
+        """`.grad` (g_p, times grad_scale under fp16) becomes g_p − α·g_⊥ (times the same scale).
+
+        The projection coefficient ⟨g, g_p⟩/(‖g_p‖² + δ) is taken in at least fp32; a zero g_p gives g_⊥ = g.
+        g is the clean gradient `first_step` saw (unscaled); g_⊥ does not depend on g_p's scale, so only the α·g_⊥
+        term is multiplied by grad_scale. A parameter without a gradient at w + ε keeps None.
+        """
+        pairs = [(p, g) for p, g in self._clean if p.grad is not None]
+        self._clean = []
+        if not pairs:
+            return
+        grads = [p.grad for p, _ in pairs]
+        clean = [g for _, g in pairs]
+        coefficient = _dot(clean, grads) / (global_norm(grads) ** 2 + _DELTA)
+        factor = self.alpha if grad_scale is None else self.alpha * grad_scale
+        for idx in _buckets(grads):
+            gp = [grads[i] for i in idx]
+            device = gp[0].device
+            perpendicular = torch._foreach_mul(gp, (-coefficient).to(device))  # −c·g_p
+            torch._foreach_add_(perpendicular, [clean[i] for i in idx])  # g_⊥ = g − c·g_p
+            torch._foreach_mul_(perpendicular, factor.to(device) if isinstance(factor, Tensor) else factor)
+            torch._foreach_sub_(gp, perpendicular)  # g_p − α·g_⊥

@@ -189,8 +189,8 @@ def _sam_step(
     n, scaler = inputs.shape[0], passes.scaler
     # 1/scale as a tensor (scale(1) = the scale, without a host sync), to unscale the clean-pass gradient
     # by hand: GradScaler allows one unscale_ per optimizer per update, and that one is the second pass's.
-    inv_scale = None if scaler is None else \
-        scaler.scale(torch.ones((), device=inputs.device)).double().reciprocal().float()
+    scale = None if scaler is None else scaler.scale(torch.ones((), device=inputs.device))
+    inv_scale = None if scale is None else scale.double().reciprocal().float()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     accumulated: dict[Tensor, Tensor] = {}
     totals = dict(loss=0.0, correct=0, perturbed_loss=0.0, perturbed_correct=0, perturbation_norm=0.0)
@@ -200,6 +200,11 @@ def _sam_step(
         loss, correct, rng_states = passes.run(inputs, targets, pieces, last=clean_pass)
         if inv_scale is not None:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
+        if clean_pass is not nullcontext and passes.loss_weight != 1.0:
+            # a rank's own gradient (DDP local mode, under no_sync) carries its share weight of the global batch:
+            # ε is taken from its own mean gradient (USAM's ε = ρ·g, and the L2 term of perturb_weight_decay,
+            # are not invariant to that weight)
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / passes.loss_weight)
         # w is restored after the perturbed backward, which still needs the perturbed weights
         with optimizer.perturbed(), frozen_batchnorm_stats(passes.model):  # BatchNorm: around backward too
             gate = None
@@ -210,6 +215,7 @@ def _sam_step(
                 gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
             perturbed_loss, perturbed_correct, _ = passes.run(inputs, targets, pieces, gate=gate,
                                                               rng_states=rng_states)
+        optimizer.descent_gradient(scale)  # the unit's direction from its two gradients (GSAM; SAM: as it is)
         if len(units) > 1:
             _accumulate(accumulated, params, weight)
         totals["loss"] += weight * loss

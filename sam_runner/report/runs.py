@@ -133,14 +133,23 @@ def measured_columns(runs: list[Run]) -> list[str]:
 def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
     """What ran: `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05` (SGD is SAM's default base, so it is not spelt
     out); a plain optimizer (no rho) is its base optimizer, which is what steps (`optimizer=sgd
-    optimizer/base=adamw` is `adamw`)."""
+    optimizer/base=adamw` is `adamw`). A SAM variant adds its own hyper-parameters: GSAM's α (`gsam(adamw) α=0.4`)
+    and, when ρ follows the lr schedule, `ρ∝lr` (with ρ_min when it is not 0)."""
     name = str(summary.get("optimizer") or "?")
     base = summary.get("base_optimizer")
     rho = finite(summary.get("rho"))
     if summary.get("rho") is None:
         return str(base or name)
     label = f"{name}({base})" if base not in (None, name, "sgd") else name
-    return f"{label} ρ={rho:g}" if with_rho and rho is not None else label
+    if with_rho and rho is not None:
+        label = f"{label} ρ={rho:g}"
+    alpha = finite(summary.get("gsam_alpha"))
+    if alpha is not None:
+        label = f"{label} α={alpha:g}"
+    if summary.get("rho_schedule") == "lr":  # ρ follows the lr: ρ_min at lr 0 when it is not 0
+        rho_min = finite(summary.get("rho_min"))
+        label = f"{label} ρ∝lr" + (f" ρ_min={rho_min:g}" if rho_min else "")
+    return label
 
 
 def _short_name(relative: Path) -> str:

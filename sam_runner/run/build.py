@@ -22,7 +22,7 @@ from torch import nn
 
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
-from sam_runner.optim import SAM
+from sam_runner.optim import GSAM, SAM, USAM
 from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
@@ -184,6 +184,7 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
+SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM}  # optimizer.sam.variant (run/spec.py checks the name)
 
 
 def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -> torch.optim.Optimizer:
@@ -195,8 +196,13 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -
     try:
         if node.sam is None:
             return make_base(model.parameters(), lr=lr)
-        return SAM(_perturbation_groups(model, node.sam), make_base, rho=rho, adaptive=node.sam.adaptive,
-                   eta=node.sam.eta, perturb_weight_decay=node.sam.perturb_weight_decay, lr=lr)
+        variant = node.sam.get("variant", "sam")  # configs written before the key existed are SAM/ASAM
+        options = dict(rho=rho, adaptive=node.sam.adaptive, eta=node.sam.eta,
+                       perturb_weight_decay=node.sam.perturb_weight_decay,
+                       rho_schedule=node.sam.get("rho_schedule", "constant"), rho_min=node.sam.get("rho_min", 0.0))
+        if variant == "gsam":
+            options["alpha"] = node.sam.alpha
+        return SAM_VARIANTS[variant](_perturbation_groups(model, node.sam), make_base, **options, lr=lr)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {node.name}: {error}") from None
 
@@ -283,7 +289,7 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
     distributed.check_setup(team.world, batch_size=settings.batch_size, num_samples=data.train.num_samples,
                             sam_mode=settings.ddp.sam_mode, sync_batchnorm=settings.ddp.sync_batchnorm,
                             compile=settings.compile, micro_batch_size=micro_batch_size,
-                            accumulate=settings.accumulate)
+                            accumulate=settings.accumulate, sam_variant=sam.get("variant") if sam is not None else None)
     plan = make_plan(settings, len(data.train))
     model = build_model(spec.model, data.num_classes, data.input_shape).to(team.device)
     if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)

@@ -23,6 +23,9 @@ from sam_runner.errors import ConfigError, one_line
 if TYPE_CHECKING:  # torch is imported when a spec is made, not for the pre-flight's `validate`
     import torch
 
+SAM_VARIANTS = ("sam", "usam", "gsam")  # optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM (docs/sam.md)
+RHO_SCHEDULES = ("constant", "lr")  # optimizer.sam.rho_schedule (sam_runner.optim.RHO_SCHEDULES, torch-free here)
+
 # The values a string key may take (config.yaml explains each).
 CHOICES = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "lr_scaling": ("none", "linear", "sqrt"), "budget": ("epochs", "steps"),
@@ -271,6 +274,24 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
              f"optimizer.sam.micro_batch_size must be null or in [1, batch_size={top.batch_size}] (got {m})")
     eta = sam.get("eta", 0.0)
     _require(isinstance(eta, (int, float)) and eta >= 0, f"optimizer.sam.eta must be >= 0 (got {eta})")
+    variant = sam.get("variant", "sam")
+    _require(variant in SAM_VARIANTS, f"optimizer.sam.variant: invalid value '{variant}', expected one of "
+                                      f"[{', '.join(SAM_VARIANTS)}]")
+    schedule = sam.get("rho_schedule", "constant")
+    _require(schedule in RHO_SCHEDULES, f"optimizer.sam.rho_schedule: invalid value '{schedule}', expected one of "
+                                        f"[{', '.join(RHO_SCHEDULES)}]")
+    rho_min = sam.get("rho_min", 0.0)
+    _require(isinstance(rho_min, (int, float)) and math.isfinite(rho_min) and 0 <= rho_min <= top.rho,
+             f"optimizer.sam.rho_min must be in [0, rho={top.rho:g}] (got {rho_min}): the radius at lr 0 under "
+             f"rho_schedule=lr, in rho's units")
+    _require(variant == "sam" or not sam.get("adaptive"),
+             f"optimizer.sam.adaptive=true is not implemented for the {variant} variant: set "
+             f"optimizer.sam.adaptive=false")
+    if variant == "gsam":
+        alpha = sam.get("alpha")
+        _require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+                 and alpha >= 0, f"optimizer.sam.alpha must be a finite number >= 0 (got {alpha}): GSAM's weight "
+                                 f"of the clean gradient's part orthogonal to the perturbed one")
 
 
 # -- the run's spec ------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def _world_from_env(device: torch.device, env: Mapping[str, str]) -> World:
 
 def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: str,
                 micro_batch_size: int | None = None, accumulate: int = 1, sync_batchnorm: bool = False,
-                compile: bool = False) -> None:
+                compile: bool = False, sam_variant: str | None = None) -> None:
     """Refuse, before anything is built, what the distributed step cannot do right; nothing for one process.
 
     Every rank needs at least one sample of every batch (an empty shard has no mean loss and breaks
@@ -107,6 +107,10 @@ def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: st
         raise ConfigError(f"the last batch of each epoch has {last} samples ({num_samples} mod batch_size="
                           f"{batch_size}), fewer than the {size} processes: pick a batch_size that leaves no "
                           f"remainder or one >= {size}, or use fewer processes")
+    if sam_variant == "gsam" and sam_mode == "local":
+        raise ConfigError("GSAM with the local SAM mode is not supported: its decomposition takes each process's own "
+                          "clean gradient against the all-reduced perturbed one, so the processes' updates would "
+                          "differ; use ddp.sam_mode=global")
     if micro_batch_size is not None and sam_mode == "global":
         raise ConfigError("micro_batch_size (m-sharpness) with the global SAM mode would perturb with chunks "
                           "pooled across processes: use the local mode (m = batch_size / processes, or "
