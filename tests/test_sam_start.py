@@ -30,8 +30,10 @@ from sam_runner.optim import SAM
 from sam_runner.run import build
 from sam_runner.run.build import build_data, compile_model
 from sam_runner.run.logbook import Stopwatch
+from sam_runner.run.measurement import training_passes
 from sam_runner.run.plan import make_plan
 from sam_runner.run.progress import StepTotals
+from sam_runner.run.resume import config_differences
 from sam_runner.run.spec import make_spec, validate
 from sam_runner.scale import distributed
 from sam_runner.steps import StepResult, train_step
@@ -172,6 +174,15 @@ def test_the_switch_step_is_a_fraction_of_the_budget_in_steps_whichever_the_budg
     assert [step for step in range(20) if plan.sam_on(step)] == list(range(10, 20))
     with pytest.raises(ConfigError, match=r"^sam_start=0.98 of a 20-step budget switches SAM on at step 20, after "):
         make_plan(validate(config("optimizer=sam", "sam_start=0.98", "epochs=2")), 10)
+    # the passes the run trains, which `auto` weighs measurements against: SAM's second pass after the switch only
+    assert training_passes(100, 4000, sam=0.5, every=0) == 1_200_000
+
+
+def test_a_run_from_before_sam_start_existed_continues_and_only_sam_start_off_matches_it() -> None:
+    earlier = {"lr": 0.1, "optimizer": {"name": "sam"}}
+    assert config_differences(earlier, {**earlier, "sam_start": 0.0}) == []
+    assert config_differences(earlier, {**earlier, "sam_start": 0}) == []  # as typed on a command line
+    assert config_differences(earlier, {**earlier, "sam_start": 0.5}) == ["sam_start: (absent) -> 0.5"]
 
 
 def test_sam_statistics_are_averaged_over_the_sam_steps_of_an_epoch() -> None:
