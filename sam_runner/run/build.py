@@ -119,7 +119,8 @@ def build_model(node: DictConfig, num_classes: int, input_shape: tuple[int, ...]
 
 
 def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, sam: DictConfig | None,
-                  clock: Stopwatch, backend: str | Callable[..., Any] = "inductor", accumulate: int = 1) -> None:
+                  clock: Stopwatch, backend: str | Callable[..., Any] = "inductor", accumulate: int = 1,
+                  base_steps: bool = False) -> None:
     """Compile `model` in place (`nn.Module.compile`: the module, its parameters and state-dict keys stay the
     same objects, so SAM's parameter groups and checkpoints are unaffected), then compile every graph the run
     will call before its first step, timed as the clock's `compile` phase (`compile_time_s` in summary.json).
@@ -128,6 +129,8 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     compiling, and the first epoch's images/s would count it. Graphs differ by mode (train/eval), grad mode,
     autocast and batch size; SAM's clean and perturbed passes share one (steps.py restores BatchNorm buffers
     by value, which no guard sees), so a run compiles once per (mode, batch-size class) and never again.
+    `base_steps`: a SAM run with sam_start > 0 also takes base-optimizer steps, which forward whole batches (no
+    m-sharpness chunks): their sizes are warmed up too.
     """
     from torch._dynamo.exc import BackendCompilerFailed  # loaded by the compile anyway
 
@@ -135,7 +138,8 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     log.info("compile=true: compiling the model's graphs before the first step (seconds to minutes)")
     with clock("compile"), torch.random.fork_rng(devices=_cuda_devices(model)):  # dropout draws stay the run's
         try:
-            _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None, accumulate)
+            _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None, accumulate,
+                     base_steps)
         except BackendCompilerFailed as error:  # e.g. Inductor on a CPU without a C++ compiler
             inner = error.inner_exception
             reason = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[:1]])
@@ -153,7 +157,7 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 
 def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, micro_batch_size: int | None,
-             accumulate: int = 1) -> None:
+             accumulate: int = 1, base_steps: bool = False) -> None:
     """Call the compiled model once for every graph training and evaluation use; leave weights, gradients and
     BatchNorm statistics as they were. Sharpness measures run eagerly (sharpness.py), so they need none."""
     def autocast(device_type: str) -> torch.autocast:  # as the step and evaluation run: autocast state is guarded
@@ -162,8 +166,10 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
     inputs, targets = next(iter(data.train.epoch(0)))  # the run's own first batch (its own generator, no RNG use)
     train_sizes = batch_sizes(data.train.num_samples, data.train.batch_size)
     # what a step forwards: m-sharpness chunks of m samples, accumulation's micro-batches (steps.step_pieces)
-    train_sizes = sorted({stop - start for size in train_sizes for unit in step_pieces(size, accumulate, micro_batch_size)
-                          for start, stop in unit}, reverse=True)
+    # (base-optimizer steps before sam_start's switch: no chunks)
+    chunkings = {micro_batch_size, None} if base_steps else {micro_batch_size}
+    train_sizes = sorted({stop - start for size in train_sizes for m in chunkings
+                          for unit in step_pieces(size, accumulate, m) for start, stop in unit}, reverse=True)
     model.train()
     with frozen_batchnorm_stats(model):
         for size in train_sizes:
@@ -264,6 +270,14 @@ class Training:
     def autocast_dtype(self) -> torch.dtype | None:
         return self.spec.autocast_dtype
 
+    def step_optimizer(self, step: int) -> torch.optim.Optimizer:
+        """What takes the step after `step` steps: the optimizer, or a SAM optimizer's base optimizer alone (one
+        pass, its own step, its own state: momenta and moments carry over to the SAM steps) before the plan's
+        `sam_start_step` (sam_start)."""
+        if isinstance(self.optimizer, SAM) and not self.plan.sam_on(step):
+            return self.optimizer.base_optimizer
+        return self.optimizer
+
     @property
     def network(self) -> nn.Module:
         """The model outside DDP's wrapper: evaluation, sharpness and checkpoints use it (no collectives inside,
@@ -293,7 +307,8 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
     plan = make_plan(settings, len(data.train))
     model = build_model(spec.model, data.num_classes, data.input_shape).to(team.device)
     if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
-        compile_model(model, data, spec.autocast_dtype, sam, clock, accumulate=settings.accumulate)
+        compile_model(model, data, spec.autocast_dtype, sam, clock, accumulate=settings.accumulate,
+                      base_steps=sam is not None and plan.sam_start_step > 0)
     optimizer = build_optimizer(spec.optimizer, settings.rho, plan.lr, model)
     scheduler = build_scheduler(spec.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
     model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)
@@ -302,7 +317,8 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
                     criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                     micro_batch_size=micro_batch_size,
                     measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
-                        plan.total_steps / plan.steps_per_epoch, data.train.num_samples, sam=sam is not None,
+                        plan.total_steps / plan.steps_per_epoch, data.train.num_samples,
+                        sam=0.0 if sam is None else 1 - plan.sam_start_step / plan.total_steps,
                         every=settings.sharpness.every, every_steps=settings.sharpness.every_steps,
                         total_steps=plan.total_steps)),
                     clock=clock, stop=stop, team=team, run_dir=run_dir)

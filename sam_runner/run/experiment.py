@@ -69,6 +69,8 @@ def _train(spec: RunSpec, team: Team, run_dir: Path, state: dict[str, Any] | Non
     initialized = initial_weights(Path(source), run.network) if source is not None and not state else None
     ddp = spec.settings.ddp
     hparams = {**HyperParameters.of(spec, steps_budget=run.plan.total_steps).record(),
+               # sam_start's switch: the steps before this one were the base optimizer's alone (null: no SAM)
+               "sam_start_step": run.plan.sam_start_step if spec.sam is not None else None,
                **distributed.describe_world(team.world, sam_mode=ddp.sam_mode, sync_batchnorm=ddp.sync_batchnorm,
                                             is_sam=spec.sam is not None)}
     if on_accepted is not None:
@@ -133,7 +135,8 @@ def _record_ending(logbook: Logbook, summary: dict[str, Any]) -> None:
 def _optimizer_label(hparams: dict[str, Any]) -> str:
     if hparams["rho"] is None:
         return hparams["optimizer"]
-    return f"{hparams['optimizer']}({hparams['base_optimizer']}, rho={hparams['rho']:g})"
+    late = f", from step {hparams['sam_start_step']}" if hparams.get("sam_start_step") else ""
+    return f"{hparams['optimizer']}({hparams['base_optimizer']}, rho={hparams['rho']:g}{late})"
 
 
 def _skip_duplicate(run_dir: Path, hparams: dict[str, Any], plain_rho: str,

@@ -64,6 +64,9 @@ class HyperParameters:
     lr_reference_batch_size: int = _setting()
     batch_size: int = _setting()
     accumulate: int = _setting()  # micro-batches per optimizer step (the batch is batch_size whatever it is)
+    # the fraction of the budget trained with the base optimizer before SAM is switched on (summary: sam_start_step)
+    sam_start: Optional[float] = _derived(lambda spec: spec.settings.sam_start if spec.sam is not None else None,
+                                          sam_only=True)
     budget: str = _setting()
     epochs: Optional[int] = _derived(lambda spec: spec.settings.epochs if spec.settings.budget == "epochs" else None)
     steps_budget: Optional[int] = _derived(lambda spec: None)  # optimizer updates: known once the data is built

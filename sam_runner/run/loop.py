@@ -108,10 +108,15 @@ def train_epoch(run: Training, logbook: Logbook, progress: Progress, summary: di
                disable=not SHOW_PROGRESS, leave=False)
     every_steps = run.settings.checkpoint.every_steps
     for inputs, targets in bar:
+        optimizer = run.step_optimizer(progress.step)  # a SAM optimizer's base optimizer alone before sam_start
+        sam_step = optimizer is run.optimizer
+        if sam_step and progress.step == run.plan.sam_start_step > 0:
+            log.info("step %d: SAM switched on (sam_start=%g) after %d steps of the base optimizer alone",
+                     progress.step, run.settings.sam_start, progress.step)
         result = distributed.distributed_step(
-            run.model, inputs, targets, run.optimizer, run.criterion, run.team.world,
+            run.model, inputs, targets, optimizer, run.criterion, run.team.world,
             sam_mode=run.settings.ddp.sam_mode, autocast_dtype=run.autocast_dtype, scaler=run.scaler,
-            max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size,
+            max_grad_norm=run.settings.max_grad_norm, micro_batch_size=run.micro_batch_size if sam_step else None,
             accumulate=run.settings.accumulate)
         run.scheduler.step()
         progress.totals.add(result, run.team.share(targets.shape[0]))  # this rank's shard of the global batch

@@ -38,15 +38,16 @@ def measures_for(model: nn.Module, settings: Settings, batches: list[tuple[torch
     return choice
 
 
-def training_passes(epochs: float, num_train: int, *, sam: bool, every: int, every_steps: int | None = None,
+def training_passes(epochs: float, num_train: int, *, sam: float, every: int, every_steps: int | None = None,
                     total_steps: int = 0) -> float:
-    """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM) per
+    """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM; `sam`:
+    the share of the steps that are SAM's, 1 or True for all, less with sam_start) per
     measurement it takes: one every `every` epochs (sharpness.every), one every `every_steps` of its `total_steps`
     (sharpness.every_steps), then one at step 0 too, and one at the end, so `auto` weighs each measurement against
     its share of the training."""
     during = (math.ceil(epochs / every) - 1 if every else 0) + (total_steps // every_steps if every_steps else 0)
     measurements = 1 + during + (1 if every or every_steps else 0)
-    return epochs * num_train * (4 if sam else 2) / measurements
+    return epochs * num_train * (2 + 2 * float(sam)) / measurements
 
 
 def take_measurement(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sam_runner.errors import ConfigError
 from sam_runner.run.spec import Settings
 
 # A run "never left chance level" when its best eval-mode training accuracy stayed below this multiple of the
@@ -43,6 +44,12 @@ class RunPlan:
     stop_train_acc: float | None
     stop_train_loss: float | None
     protocol: str
+    sam_start_step: int = 0  # SAM optimizers: the steps before this one are the base optimizer's alone (sam_start)
+
+    def sam_on(self, step: int) -> bool:
+        """Whether the step after `step` steps taken is a SAM step (a SAM optimizer's run), not a base-optimizer
+        one: a function of the step counter alone, so every DDP rank and a continued run switch at the same step."""
+        return step >= self.sam_start_step
 
     @property
     def epochs(self) -> int:
@@ -80,7 +87,17 @@ def make_plan(settings: Settings, steps_per_epoch: int) -> RunPlan:
     return RunPlan(lr=effective_lr(settings), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                    eval_every=settings.eval.every, checkpoint_every=settings.checkpoint.every,
                    stop_train_acc=settings.stop.train_acc, stop_train_loss=settings.stop.train_loss,
-                   protocol=protocol_name(settings))
+                   protocol=protocol_name(settings), sam_start_step=sam_start_step(settings.sam_start, total_steps))
+
+
+def sam_start_step(sam_start: float, total_steps: int) -> int:
+    """The first SAM step of a run with `sam_start` (a fraction of the budget): round(sam_start x total_steps) steps
+    of the base optimizer come before it. Refused when that leaves no SAM step in the budget."""
+    start = round(sam_start * total_steps)
+    if sam_start > 0 and start >= total_steps:
+        raise ConfigError(f"sam_start={sam_start} of a {total_steps}-step budget switches SAM on at step {start}, "
+                          f"after the last: lower sam_start or train longer")
+    return start
 
 
 def protocol_name(settings: Settings) -> str:

@@ -14,12 +14,21 @@ from sam_runner.steps import STATISTICS, StepResult
 
 class StepTotals:
     """Sums of per-step statistics (steps.STATISTICS says how each is summed and averaged), kept on the device
-    until the epoch ends (one host sync per epoch)."""
+    until the epoch ends (one host sync per epoch).
 
-    def __init__(self, sums: dict[str, torch.Tensor] | None = None, samples: int = 0, steps: int = 0) -> None:
+    Each statistic is averaged over the steps that reported it (`counts`: their samples and steps): SAM's
+    (perturbed loss, ‖ε‖) over the SAM steps alone in an epoch where sam_start switches SAM on.
+    """
+
+    def __init__(self, sums: dict[str, torch.Tensor] | None = None, samples: int = 0, steps: int = 0,
+                 counts: dict[str, tuple[int, int]] | None = None) -> None:
         self.sums: dict[str, torch.Tensor] = dict(sums or {})
         self.samples = samples
         self.steps = steps
+        # (samples, steps) of the steps that reported each statistic; without them (a checkpoint written before
+        # they were kept), every statistic was reported by every step
+        self.counts: dict[str, tuple[int, int]] = dict(counts) if counts is not None else \
+            {name: (samples, steps) for name in self.sums}
 
     def add(self, result: StepResult, batch_size: int) -> None:
         for name, statistic in STATISTICS.items():
@@ -27,23 +36,30 @@ class StepTotals:
             if value is not None:
                 contribution = value.detach().float() * (batch_size if statistic.batch_mean else 1)
                 self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
+                samples, steps = self.counts.get(name, (0, 0))
+                self.counts[name] = (samples + batch_size, steps + 1)
         self.samples += batch_size
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        """Metric -> the epoch's mean, for every statistic the steps reported (SAM's and fp16's only with them)."""
-        divisors = {"sample": self.samples, "step": self.steps, "epoch": 1}
-        return {STATISTICS[name].metric: float(self.sums[name]) / divisors[STATISTICS[name].per]  # host sync
+        """Metric -> the epoch's mean over the steps that reported it, for every statistic reported (SAM's and
+        fp16's only with them)."""
+        def divisor(name: str) -> int:
+            samples, steps = self.counts[name]
+            return {"sample": samples, "step": steps, "epoch": 1}[STATISTICS[name].per]
+
+        return {STATISTICS[name].metric: float(self.sums[name]) / divisor(name)  # host sync
                 for name in STATISTICS if name in self.sums}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": {name: value.cpu() for name, value in self.sums.items()}, "samples": self.samples,
-                "steps": self.steps}
+                "steps": self.steps, "counts": {name: list(count) for name, count in self.counts.items()}}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> StepTotals:
+        counts = state.get("counts")
         return cls({name: value.to(device) for name, value in state["sums"].items()}, state["samples"],
-                   state["steps"])
+                   state["steps"], None if counts is None else {name: tuple(c) for name, c in counts.items()})
 
 
 @dataclass

@@ -79,6 +79,7 @@ class Settings:
     lr_reference_batch_size: int = 128
     batch_size: int = 128
     accumulate: int = 1
+    sam_start: float = 0.0
     budget: str = "epochs"
     epochs: int = 100
     steps: Optional[int] = None
@@ -100,7 +101,8 @@ class Settings:
     ddp: DdpSettings = field(default_factory=DdpSettings)
 
 
-FINITE_KEYS = ("rho", "lr", "label_smoothing", "max_grad_norm", "sharpness.rho", "stop.train_acc", "stop.train_loss")
+FINITE_KEYS = ("rho", "lr", "sam_start", "label_smoothing", "max_grad_norm", "sharpness.rho", "stop.train_acc",
+               "stop.train_loss")
 
 
 def _resolved(cfg: DictConfig, key: str) -> Any:
@@ -181,6 +183,9 @@ def validate(cfg: DictConfig) -> Settings:
     _require(1 <= top.accumulate <= top.batch_size,
              f"accumulate must be an integer in [1, batch_size={top.batch_size}] micro-batches per optimizer step "
              f"(got {top.accumulate})")
+    _require(0 <= top.sam_start < 1,
+             f"sam_start must be a fraction of the budget in [0, 1) (got {top.sam_start}): the share of the optimizer "
+             f"steps trained with the base optimizer alone before SAM is switched on")
     _require(top.epochs > 0, f"epochs must be > 0 (got {top.epochs})")
     _require(top.lr_reference_batch_size > 0,
              f"lr_reference_batch_size must be > 0 samples (got {top.lr_reference_batch_size})")
@@ -268,6 +273,10 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
              "optimizer must be a config from configs/optimizer/ (with a `base` optimizer node)")
     sam = optimizer.get("sam")
     if sam is None:
+        _require(top.sam_start == 0,
+                 f"sam_start needs a SAM optimizer (got sam_start={top.sam_start} with optimizer="
+                 f"{optimizer.get('name', '?')}, which has no SAM step to switch on): use e.g. optimizer=sam, or "
+                 f"sam_start=0")
         return
     m = sam.get("micro_batch_size")
     _require(m is None or (isinstance(m, int) and 0 < m <= top.batch_size),

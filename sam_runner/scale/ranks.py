@@ -101,13 +101,16 @@ class Team:
         if not self.world.is_distributed:
             return totals
         names = sorted(totals.sums)
+        samples = [float(totals.samples)] + [float(totals.counts[name][0]) for name in names]
         flat = torch.stack([totals.sums[name].double() for name in names] +
-                           [torch.tensor(float(totals.samples), dtype=torch.float64, device=self.device)])
+                           [torch.tensor(n, dtype=torch.float64, device=self.device) for n in samples])
         summed = distributed.all_reduce_sum(flat, self.world)
-        size = self.world.world_size
+        size, counted = self.world.world_size, [round(n) for n in summed[len(names):].tolist()]
         sums = {name: (value if STATISTICS[name].per == "sample" else value / size).float()
                 for name, value in zip(names, summed)}
-        return StepTotals(sums, samples=round(float(summed[-1])), steps=totals.steps)
+        # each statistic's steps are the same on every rank (SAM's: sam_start's switch is a function of the step)
+        counts = {name: (count, totals.counts[name][1]) for name, count in zip(names, counted[1:])}
+        return StepTotals(sums, samples=counted[0], steps=totals.steps, counts=counts)
 
     def gather(self, part: dict[str, Any]) -> list[dict[str, Any]] | None:
         """Every rank's `part`, in rank order, on rank 0 (None elsewhere, and for one process)."""
