@@ -286,13 +286,19 @@ def test_config_differences_name_every_changed_key_except_the_harmless_ones() ->
                                                 "optimizer.sam.rho: 0.05 -> 0.1"]
     assert config_differences(earlier, earlier) == []
     # keys sam-runner gained since the earlier run, off: that run ran without them; on, or removed, they differ
-    added = {"init_from": None, "sharpness": {"every_steps": None}, "compile": False}
+    added = {"init_from": None, "sharpness": {"every_steps": None}, "compile": False, "accumulate": 1,
+             "optimizer": {**earlier["optimizer"], "sam": {"rho": 0.05, "variant": "sam", "rho_schedule": "constant"}}}
     assert config_differences(earlier, {**earlier, **added}) == []
+    assert config_differences(earlier, {**earlier, "accumulate": 2, "optimizer": {
+        **earlier["optimizer"], "sam": {"rho": 0.05, "variant": "gsam", "rho_schedule": "lr"}}}) == [
+        "accumulate: (absent) -> 2", "optimizer.sam.rho_schedule: (absent) -> lr",
+        "optimizer.sam.variant: (absent) -> gsam"]
     assert config_differences(earlier, {**earlier, "init_from": "runs/a", "sharpness": {"every_steps": 5}}) == [
         "init_from: (absent) -> runs/a", "sharpness.every_steps: (absent) -> 5"]
-    assert config_differences({**earlier, **added}, earlier) == ["compile: False -> (absent)",
-                                                                 "init_from: None -> (absent)",
-                                                                 "sharpness.every_steps: None -> (absent)"]
+    assert config_differences({**earlier, **added}, earlier) == [
+        "accumulate: 1 -> (absent)", "compile: False -> (absent)", "init_from: None -> (absent)",
+        "optimizer.sam.rho_schedule: constant -> (absent)", "optimizer.sam.variant: sam -> (absent)",
+        "sharpness.every_steps: None -> (absent)"]
 
 
 def test_the_stopwatch_counts_a_nested_phase_once_and_carries_over_a_resume(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,15 +127,16 @@ def config_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str
 
 _ABSENT = object()
 OFF_VALUES = (None, False)  # what a key added later is set to when its feature is off
-# keys added later whose off value is a number (compared by value: 0 and 0.0 alike): the earlier run ran so
-OFF_NUMBERS = {"sam_start": 0.0}
+# keys added later whose off value is another value (compared by value: 0 and 0.0 alike): the earlier run ran so
+OFF_SETTINGS = {"sam_start": 0.0, "accumulate": 1, "optimizer.sam.variant": "sam",
+                "optimizer.sam.rho_schedule": "constant"}
 
 
 def _added_and_off(key: str, earlier: dict[str, Any], now: dict[str, Any]) -> bool:
     if key in earlier or key not in now:
         return False
     return any(now[key] is off for off in OFF_VALUES) or \
-        (key in OFF_NUMBERS and not isinstance(now[key], bool) and now[key] == OFF_NUMBERS[key])
+        (key in OFF_SETTINGS and not isinstance(now[key], bool) and now[key] == OFF_SETTINGS[key])
 
 
 def _differs(earlier: Any, now: Any, earlier_dir: Any, now_dir: Any) -> bool:
