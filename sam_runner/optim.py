@@ -1,5 +1,7 @@
-"""Sharpness-Aware Minimization (Foret et al. 2021), its adaptive form ASAM (Kwon et al. 2021), and two variants:
-unnormalized SAM (`USAM`, ε = ρ·g) and GSAM (`GSAM`, Zhuang et al. 2022: the surrogate-gap descent direction).
+"""Sharpness-Aware Minimization (Foret et al. 2021), its adaptive form ASAM (Kwon et al. 2021), and its variants:
+unnormalized SAM (`USAM`, ε = ρ·g), GSAM (`GSAM`, Zhuang et al. 2022: the surrogate-gap descent direction), SAM-ON
+(`SAMON`, Mueller et al. 2023: only normalization layers perturbed) and F-SAM (`FSAM`, Li et al. 2024: ε along the
+gradient minus σ times an EMA of past gradients).
 
 `SAM` wraps a base optimizer. One SAM step: the gradient g at w is there; `perturbed()` moves w to w + ε(g) for
 its body, in which the caller computes the gradient at w + ε, and puts w back exactly when the body ends; then the
@@ -15,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 _DELTA = 1e-12  # added to the norm so a zero gradient gives ε = 0, not 0/0
 _SAM_KEYS = ("rho", "adaptive", "eta", "perturb_weight_decay", "rho_schedule", "rho_min")
@@ -138,15 +141,17 @@ class SAM(torch.optim.Optimizer):
         (`rho_schedule`); USAM (`normalized = False`) leaves out the division by the norm. Records
         `last_grad_norm` (‖g‖₂) and `last_perturbation_norm` (‖ε‖₂) as 0-dim tensors (no host sync).
         """
-        entries = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        entries = [(p, group) for group in self.param_groups if group.get("perturb", True) for p in group["params"]
+                   if p.grad is not None]  # a group with "perturb": False is not perturbed (SAM-ON's non-norm ones)
         if not entries:
             raise RuntimeError("SAM.first_step: no parameter has a gradient; call loss.backward() first")
         params = [p for p, _ in entries]
         groups = [group for _, group in entries]
+        g_in = self.ascent_gradients(params)
         work = []  # per bucket: params, gradient used for ε (fp32+), T or None, T⊙g (or g), ρ per param
         for idx in _buckets(params, lambda i: bool(groups[i]["adaptive"])):
             p = [params[i] for i in idx]
-            g = _at_least_fp32([q.grad for q in p])
+            g = _at_least_fp32([g_in[i] for i in idx])
             w32 = _at_least_fp32(p)
             decay = [groups[i].get("weight_decay", 0.0) if groups[i]["perturb_weight_decay"] else 0.0
                      for i in idx]
@@ -180,6 +185,11 @@ class SAM(torch.optim.Optimizer):
         self.last_perturbation_norm = global_norm(all_eps)
         if zero_grad:
             self.zero_grad()
+
+    def ascent_gradients(self, params: list[Tensor]) -> list[Tensor]:
+        """The gradients ε is taken from, one per parameter of `params` (all with a gradient): `.grad` itself for
+        SAM; F-SAM's g − σ·m. Called once per `first_step`."""
+        return [p.grad for p in params]
 
     def _saved_w(self, p: Tensor) -> Tensor:
         """The buffer holding p's clean value; lives in self.state, which state_dict() does not carry."""
@@ -343,3 +353,118 @@ class GSAM(SAM):
             torch._foreach_add_(perpendicular, [clean[i] for i in idx])  # g_⊥ = g − c·g_p
             torch._foreach_mul_(perpendicular, factor.to(device) if isinstance(factor, Tensor) else factor)
             torch._foreach_sub_(gp, perpendicular)  # g_p − α·g_⊥
+
+
+# The layers whose affine parameters (weight γ and bias β) SAM-ON perturbs: BatchNorm of any dimension (SyncBatchNorm,
+# InstanceNorm: `_NormBase`), LayerNorm, GroupNorm, and RMSNorm where torch has it.
+NORMALIZATION_LAYERS: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm) + \
+    ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def normalization_parameters(model: nn.Module) -> list[Tensor]:
+    """The trainable affine parameters of `model`'s normalization layers (`NORMALIZATION_LAYERS`), by module type
+    (not by name, as the SAM-ON authors' code does), each once."""
+    seen: dict[int, Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, NORMALIZATION_LAYERS):
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def normalization_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """SAM-ON's param groups: the normalization parameters, perturbed, and every other trainable parameter in a group
+    with "perturb": False (stepped with the gradient at w + ε, never perturbed). Empty groups are left out."""
+    norm = {id(p) for p in normalization_parameters(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) in norm]},
+              {"params": [p for p in model.parameters() if id(p) not in norm and p.requires_grad], "perturb": False}]
+    return [group for group in groups if group["params"]]
+
+
+class SAMON(SAM):
+    """SAM-ON (Mueller, Vlaar, Rolnick & Hein, NeurIPS 2023): only the normalization layers' affine parameters are
+    perturbed, ε = ρ·g_N/‖g_N‖ with g_N the gradient restricted to them (the norm over them only); every parameter
+    then takes the base step with the gradient at w + ε. Build the groups with `normalization_groups(model)`: a
+    group with "perturb": False is neither perturbed nor counted in the norm."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.5, **kwargs: Any) -> None:
+        if kwargs.get("adaptive"):
+            raise ValueError("SAM-ON: adaptive=True (the authors' ASAM-ON) is not implemented; use adaptive=False")
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        if not any(group.get("perturb", True) and group["params"] for group in self.param_groups):
+            raise ValueError("SAM-ON: no parameter to perturb; build the groups with normalization_groups(model)")
+
+
+class FSAM(SAM):
+    """Friendly SAM (Li, Zhou, He, Cheng & Huang, CVPR 2024): ε along the clean gradient minus σ times an EMA of past
+    clean gradients, m_t = λ·m_{t−1} + (1 − λ)·g_t (m_0 = 0), d = g_t − σ·m_t, ε = ρ_t·d/(‖d‖ + δ); then the base
+    step with the gradient at w + ε.
+
+    sigma: σ, dimensionless (0: SAM's step exactly). lmbda: λ in [0, 1), the EMA's decay per SAM step.
+    The EMA is optimizer state: one tensor per parameter (at least fp32), advanced once per `first_step` (not during
+    base-optimizer steps), carried by `state_dict()` as "fsam_ema" entries of the parameters' state. A non-finite g
+    (an fp16 overflow; the step is then skipped) leaves it as it was.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.05, sigma: float = 1.0,
+                 lmbda: float = 0.6, **kwargs: Any) -> None:
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"FSAM: sigma must be a finite number >= 0, got sigma={sigma!r}")
+        if not (0 <= lmbda < 1):
+            raise ValueError(f"FSAM: lmbda must be in [0, 1), got lmbda={lmbda!r}")
+        if kwargs.get("adaptive"):
+            raise ValueError("FSAM: adaptive=True is not implemented; use adaptive=False")
+        self.sigma, self.lmbda = sigma, lmbda
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+    def _ema(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "ema" not in state:
+            dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            state["ema"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state["ema"]
+
+    @torch.no_grad()
+    def ascent_gradients(self, params: list[Tensor]) -> list[Tensor]:
+        """m ← λ·m + (1 − λ)·g (kept where g is not finite), then d = g − σ·m, in at least fp32."""
+        g = _at_least_fp32([p.grad for p in params])
+        finite = torch.isfinite(global_norm(g))
+        m = [self._ema(p) for p in params]
+        d: list[Tensor] = [g[0]] * len(params)
+        for idx in _buckets(g):
+            gb, mb = [g[i] for i in idx], [m[i] for i in idx]
+            new = torch._foreach_mul(mb, self.lmbda)
+            torch._foreach_add_(new, gb, alpha=1 - self.lmbda)
+            keep = finite.to(gb[0].device)
+            for old, fresh in zip(mb, new):
+                old.copy_(torch.where(keep, fresh, old))
+            for i, di in zip(idx, torch._foreach_add(gb, mb, alpha=-self.sigma)):
+                d[i] = di
+        return d
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict with each parameter's EMA added to its state entry as "fsam_ema"."""
+        packed = self.base_optimizer.state_dict()
+        state = {index: dict(entry) for index, entry in packed["state"].items()}  # not the base's own dicts
+        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            if "ema" in self.state[p]:
+                state.setdefault(index, {})["fsam_ema"] = self.state[p]["ema"]
+        return {**packed, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The base optimizer's state without the "fsam_ema" entries, which become the EMA again (none: m = 0)."""
+        emas, rest = {}, {}
+        for index, entry in state_dict["state"].items():
+            entry = dict(entry)
+            if "fsam_ema" in entry:
+                emas[int(index)] = entry.pop("fsam_ema")
+            if entry:
+                rest[index] = entry
+        super().load_state_dict({**state_dict, "state": rest})
+        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            self.state[p].pop("ema", None)
+            if index in emas:
+                self.state[p]["ema"] = emas[index].to(p.device).clone()
