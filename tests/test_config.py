@@ -73,6 +73,8 @@ def test_every_model_config_instantiates(name: str) -> None:
 def test_every_optimizer_builds_with_every_base(name: str, base: str) -> None:
     cfg = composed(f"optimizer={name}", f"optimizer/base={base}")
     model = torch.nn.Linear(3, 2)
+    if name == "sam_on":  # perturbs normalization layers only: a network without one is refused
+        model = torch.nn.Sequential(model, torch.nn.LayerNorm(2))
     optimizer = build_optimizer(cfg.optimizer, cfg.rho, 0.25 * cfg.lr, model)
     assert isinstance(optimizer, SAM) == (cfg.optimizer.sam is not None)
     base_class = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[base]

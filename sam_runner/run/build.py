@@ -22,11 +22,11 @@ from torch import nn
 
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
-from sam_runner.optim import GSAM, SAM, USAM
+from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
 from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
-from sam_runner.run.spec import RunSpec, Settings
+from sam_runner.run.spec import RunSpec, Settings, target_name
 from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.ranks import Team
@@ -190,13 +190,16 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
-SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM}  # optimizer.sam.variant (run/spec.py checks the name)
+# optimizer.sam.variant (run/spec.py checks the name)
+SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM}
 
 
-def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, model_name: str = "custom"
+                    ) -> torch.optim.Optimizer:
     """The base optimizer alone, or SAM/ASAM wrapped around it (the `sam` node is null for plain ones).
 
     `lr` is the run's peak lr after batch-size scaling (plan.py); it replaces the one the config node holds.
+    `model_name` names the model in a refusal (sam_on on a network without normalization layers).
     """
     make_base = _partial(node.base.build, "optimizer.base.build")
     try:
@@ -208,7 +211,16 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module) -
                        rho_schedule=node.sam.get("rho_schedule", "constant"), rho_min=node.sam.get("rho_min", 0.0))
         if variant == "gsam":
             options["alpha"] = node.sam.alpha
-        return SAM_VARIANTS[variant](_perturbation_groups(model, node.sam), make_base, **options, lr=lr)
+        if variant == "fsam":
+            options.update(sigma=node.sam.sigma, lmbda=node.sam.lmbda)
+        groups = _perturbation_groups(model, node.sam)
+        if variant == "sam_on":
+            groups = normalization_groups(model)
+            if not any(group.get("perturb", True) for group in groups):
+                raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "
+                                  f"BatchNorm, LayerNorm or GroupNorm affine parameters): use e.g. model=cnn1d, or "
+                                  f"optimizer=sam")
+        return SAM_VARIANTS[variant](groups, make_base, **options, lr=lr)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {node.name}: {error}") from None
 
@@ -304,12 +316,13 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
                             sam_mode=settings.ddp.sam_mode, sync_batchnorm=settings.ddp.sync_batchnorm,
                             compile=settings.compile, micro_batch_size=micro_batch_size,
                             accumulate=settings.accumulate, sam_variant=sam.get("variant") if sam is not None else None)
+    model_name = spec.choices.get("model", target_name(spec.model))
     plan = make_plan(settings, len(data.train))
     model = build_model(spec.model, data.num_classes, data.input_shape).to(team.device)
     if settings.compile:  # every graph compiled before the first step, timed apart as compile_time_s (build.py)
         compile_model(model, data, spec.autocast_dtype, sam, clock, accumulate=settings.accumulate,
                       base_steps=sam is not None and plan.sam_start_step > 0)
-    optimizer = build_optimizer(spec.optimizer, settings.rho, plan.lr, model)
+    optimizer = build_optimizer(spec.optimizer, settings.rho, plan.lr, model, model_name)
     scheduler = build_scheduler(spec.scheduler, optimizer, plan.steps_per_epoch, plan.total_steps)
     model = distributed.wrap_model(model, team.world, sync_batchnorm=settings.ddp.sync_batchnorm)
     return Training(spec=spec, plan=plan, data=data, model=model, optimizer=optimizer, scheduler=scheduler,

@@ -49,12 +49,17 @@ class HyperParameters:
     adaptive: Optional[bool] = _sam(lambda sam: bool(sam.adaptive))
     eta: Optional[float] = _asam(lambda sam: sam.eta)
     adaptive_params: Optional[str] = _asam(lambda sam: sam.get("adaptive_params", "all"))
-    sam_variant: Optional[str] = _sam(lambda sam: sam.get("variant", "sam"))  # sam (and ASAM), usam or gsam
+    # sam (and ASAM), usam, gsam, sam_on or fsam
+    sam_variant: Optional[str] = _sam(lambda sam: sam.get("variant", "sam"))
     rho_schedule: Optional[str] = _sam(lambda sam: sam.get("rho_schedule", "constant"))  # constant or lr
     rho_min: Optional[float] = _derived(lambda spec: spec.sam.get("rho_min", 0.0) if spec.sam is not None and
                                         spec.sam.get("rho_schedule", "constant") == "lr" else None, sam_only=True)
     gsam_alpha: Optional[float] = _derived(lambda spec: spec.sam.alpha if spec.sam is not None and
                                            spec.sam.get("variant") == "gsam" else None, sam_only=True)
+    fsam_sigma: Optional[float] = _derived(lambda spec: spec.sam.sigma if spec.sam is not None and
+                                           spec.sam.get("variant") == "fsam" else None, sam_only=True)
+    fsam_lambda: Optional[float] = _derived(lambda spec: spec.sam.lmbda if spec.sam is not None and
+                                            spec.sam.get("variant") == "fsam" else None, sam_only=True)
     micro_batch_size: Optional[int] = _sam(lambda sam: sam.micro_batch_size)
     weight_decay: float = _derived(lambda spec: spec.optimizer.base.build.get("weight_decay", 0.0))
     weight_decay_in_perturbation: Optional[bool] = _sam(lambda sam: bool(sam.perturb_weight_decay))

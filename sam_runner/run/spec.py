@@ -23,7 +23,8 @@ from sam_runner.errors import ConfigError, one_line
 if TYPE_CHECKING:  # torch is imported when a spec is made, not for the pre-flight's `validate`
     import torch
 
-SAM_VARIANTS = ("sam", "usam", "gsam")  # optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM (docs/sam.md)
+# optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM, SAM-ON, Friendly SAM (docs/sam.md)
+SAM_VARIANTS = ("sam", "usam", "gsam", "sam_on", "fsam")
 RHO_SCHEDULES = ("constant", "lr")  # optimizer.sam.rho_schedule (sam_runner.optim.RHO_SCHEDULES, torch-free here)
 
 # The values a string key may take (config.yaml explains each).
@@ -301,6 +302,16 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
         _require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
                  and alpha >= 0, f"optimizer.sam.alpha must be a finite number >= 0 (got {alpha}): GSAM's weight "
                                  f"of the clean gradient's part orthogonal to the perturbed one")
+    if variant == "fsam":
+        sigma, lmbda = sam.get("sigma"), sam.get("lmbda")
+        _require(isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma)
+                 and sigma >= 0, f"optimizer.sam.sigma must be a finite number >= 0 (got {sigma}): F-SAM's weight of "
+                                 f"the gradient EMA subtracted from the gradient")
+        _require(isinstance(lmbda, (int, float)) and not isinstance(lmbda, bool) and 0 <= lmbda < 1,
+                 f"optimizer.sam.lmbda must be in [0, 1) (got {lmbda}): the decay per step of F-SAM's gradient EMA")
+        _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by fsam (got {m}): its "
+                            f"EMA estimates the full gradient from one batch gradient per step; set "
+                            f"optimizer.sam.micro_batch_size=null")
 
 
 # -- the run's spec ------------------------------------------------------------------------------------------------
