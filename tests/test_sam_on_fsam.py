@@ -347,3 +347,111 @@ def test_a_stopped_fsam_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: py
     assert_same_run(tmp_path / "run", tmp_path / "reference")
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["state"]
     assert state and all("fsam_ema" in entry for entry in state.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AMP bf16, compile, DDP.
+
+
+def _make(variant: str, model: nn.Module) -> SAM:
+    if variant == "sam_on":
+        return SAMON(normalization_groups(model), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    return FSAM(model.parameters(), torch.optim.SGD, rho=0.2, sigma=1.0, lmbda=0.6, lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("variant", ["sam_on", "fsam"])
+def test_bf16_autocast_steps_stay_close_to_fp32(variant):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    twin = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+    opt, twin_opt = _make(variant, net), _make(variant, twin)
+    for _ in range(2):
+        low = train_step(net, x, y, opt, F.cross_entropy, autocast_dtype=torch.bfloat16)
+        full = train_step(twin, x, y, twin_opt, F.cross_entropy)
+        assert math.isfinite(low.loss.item()) and low.loss.item() == pytest.approx(full.loss.item(), rel=3e-2)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3)
+
+
+@pytest.mark.parametrize("variant", ["sam_on", "fsam"])
+def test_compiled_variant_steps_agree_with_eager_ones(variant):
+    """compile=true compiles the model only (the optimizer, EMA included, runs eagerly): with `aot_eager` the steps
+    on a BatchNorm network match the eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv1d(1, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 12, 4))
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
+    eager_opt, compiled_opt = _make(variant, eager), _make(variant, compiled)
+    try:
+        for _ in range(3):
+            want = train_step(eager, x, y, eager_opt, F.cross_entropy)
+            got = train_step(compiled, x, y, compiled_opt, F.cross_entropy)
+            torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+    finally:
+        torch._dynamo.reset()
+
+
+DDP_BATCHES = [(0, 12), (12, 24), (24, 31)]
+
+
+def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(31, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (31,), generator=g)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    x, y = _ddp_data()
+    results = {}
+    with distributed.process_group(torch.device("cpu")) as world:
+        for variant in ("sam_on", "fsam"):
+            model = distributed.wrap_model(_net(), world)
+            optimizer = _make(variant, distributed.unwrap(model))
+            for start, stop in DDP_BATCHES:
+                distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
+                                             world, sam_mode="global")
+            results[variant] = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_global_mode_equals_one_process_and_the_fsam_ema_is_the_same_on_every_rank(tmp_path):
+    """Two gloo processes on shards of each batch: weights and F-SAM's EMA (from the all-reduced gradient) equal one
+    process on the whole batch, on both ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, y = _ddp_data()
+    for variant in ("sam_on", "fsam"):
+        model = _net()
+        optimizer = _make(variant, model)
+        for start, stop in DDP_BATCHES:
+            train_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss())
+        state = optimizer.state_dict()["state"]
+        for rank in ranks:
+            for key, value in model.state_dict().items():
+                torch.testing.assert_close(rank[variant]["model"][key], value, rtol=1e-10, atol=1e-12,
+                                           msg=(variant, key))
+            for index, entry in state.items():
+                for key, value in entry.items():
+                    torch.testing.assert_close(rank[variant]["optimizer"]["state"][index][key], value, rtol=1e-10,
+                                               atol=1e-12, msg=(variant, index, key))
+        if variant == "fsam":
+            assert all("fsam_ema" in entry for entry in state.values())
+            for index, entry in ranks[0]["fsam"]["optimizer"]["state"].items():
+                assert torch.equal(entry["fsam_ema"], ranks[1]["fsam"]["optimizer"]["state"][index]["fsam_ema"])
