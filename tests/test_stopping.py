@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -353,3 +354,39 @@ def test_a_parallel_sweep_whose_sam_run_is_killed_stops_its_workers_and_the_comm
 
 def _job_dirs(workdir: Path) -> list[Path]:
     return sorted((workdir / "sweep").glob("[0-9]_*"))
+
+
+def test_a_run_directory_held_by_sam_measure_is_refused_naming_sam_measure(workdir: Path) -> None:
+    """sam-run started on a run that sam-measure is measuring: one line, exit 2, naming the tool that holds it (it
+    said "in use by another sam-run")."""
+    assert run_cli("sam-run", *TINY, "sharpness.measures=[]", "+sharpness.options={trace_probes:2000}",
+                   "hydra.run.dir=run", cwd=workdir).returncode == 0
+    measuring = subprocess.Popen([str(BIN / "sam-measure"), "run", "--measures", "trace"], cwd=workdir,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = workdir / "run" / ".lock"
+    deadline = time.monotonic() + 120
+    while f"pid {measuring.pid} " not in lock.read_text():
+        assert measuring.poll() is None and time.monotonic() < deadline, measuring.communicate()
+        time.sleep(0.02)
+    refused = run_cli("sam-run", *TINY, "sharpness.measures=[]", "+sharpness.options={trace_probes:2000}",
+                      "hydra.run.dir=run", cwd=workdir)
+    held = measuring.poll() is None  # the refusal came while sam-measure still held the directory
+    _, measure_errors = measuring.communicate(timeout=300)
+    assert measuring.returncode == 0, measure_errors
+    assert held, "sam-measure ended before sam-run was refused: measure for longer"
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"sam-run: error: run is in use by another sam-measure (pid {measuring.pid} on "
+        f"{socket.gethostname()}): wait for it to end (or, for a new run, choose another hydra.run.dir)"]
+
+
+def test_the_lock_s_refusal_names_its_holder_or_no_tool(tmp_path: Path) -> None:
+    from sam_runner.errors import ConfigError
+    from sam_runner.run import rundir
+
+    with rundir.claim(tmp_path, by="sam-measure"):
+        with pytest.raises(ConfigError, match=rf"in use by another sam-measure \(pid {os.getpid()} on "):
+            rundir.refuse_if_held(tmp_path)
+        (tmp_path / ".lock").write_text("pid 12 on elsewhere\n")  # as sam-runner wrote it before naming the tool
+        with pytest.raises(ConfigError, match=r"in use by another sam-runner process \(pid 12 on elsewhere\)"):
+            rundir.refuse_if_held(tmp_path)

@@ -29,7 +29,7 @@ def measure_checkpoint(run_dir: Path, *, checkpoint_path: Path | None = None, me
     if not measures:
         raise ConfigError("no sharpness measure selected (the run trained with sharpness.measures=[]): pass "
                           "--measures auto or a comma-separated list")
-    with rundir.claim(run_dir, tidy=False):
+    with rundir.claim(run_dir, tidy=False, by="sam-measure"):
         record = take_measurement(run.model, run.data.sharpness, measures, run.settings, epoch=run.state["epoch"],
                                   step=run.state.get("step", 0), source="sam-measure")
         summary = _summary(run_dir)
