@@ -390,3 +390,25 @@ def test_the_lock_s_refusal_names_its_holder_or_no_tool(tmp_path: Path) -> None:
         (tmp_path / ".lock").write_text("pid 12 on elsewhere\n")  # as sam-runner wrote it before naming the tool
         with pytest.raises(ConfigError, match=r"in use by another sam-runner process \(pid 12 on elsewhere\)"):
             rundir.refuse_if_held(tmp_path)
+
+
+@pytest.mark.parametrize("moment", ["start-up", "measuring"])
+def test_sigterm_in_sam_measure_is_one_line_exit_75_and_adds_nothing(workdir: Path, moment: str) -> None:
+    """As sam-run's pre-emption: one line and 75, the run's records as they were (it died by the signal, 143,
+    without a word)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc to see when sam-measure handles signals")
+    assert run_cli("sam-run", *TINY, "sharpness.measures=[]", "+sharpness.options={trace_probes:2000}",
+                   "hydra.run.dir=run", cwd=workdir).returncode == 0
+    before = checksums(workdir / "run")
+    process = subprocess.Popen([str(BIN / "sam-measure"), "run", "--measures", "trace"], cwd=workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = workdir / "run" / ".lock"
+    ready = (lambda: handles(process, signal.SIGTERM)) if moment == "start-up" else \
+        (lambda: f"pid {process.pid} " in lock.read_text())
+    _, stderr = stopped_when(process, ready, signal.SIGTERM, 75, waiting_for=moment)
+    assert stderr.strip().splitlines() == [
+        "sam-measure: error: preempted (SIGTERM): nothing was added to the run's summary.json"]
+    after = checksums(workdir / "run")
+    assert {name: digest for name, digest in after.items() if name != ".lock"} == \
+        {name: digest for name, digest in before.items() if name != ".lock"}

@@ -206,6 +206,42 @@ def stop_handed_on() -> RunStopped | None:
                                          f"with a checkpoint (the table above): re-run the same command to continue")
 
 
+class ToolStopped(BaseException):
+    """A tool that reads runs (sam-measure, sam-report, sam-landscape) asked to stop by SIGTERM, SIGUSR1 or SIGUSR2,
+    raised as Ctrl-C raises KeyboardInterrupt: it ends the tool with one line and exit code 75, as sam-run's stop."""
+
+    def __init__(self, received: signal.Signals) -> None:
+        super().__init__(f"stopped by {received.name}")
+        self.signal = received
+
+
+def _raise_tool_stopped(number: int, frame: FrameType | None) -> None:
+    raise ToolStopped(signal.Signals(number))
+
+
+@contextmanager
+def stops_raised() -> Iterator[None]:
+    """While a tool works: SIGTERM, SIGUSR1 and SIGUSR2 raise `ToolStopped` (the default action ends the process
+    without a word, 143). The previous handlers are back once it ends, before the tool says why it stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_tool_stopped) for number in PREEMPTING}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def ignore_stops() -> None:
+    """From now on this process ignores the stop signals, Ctrl-C included: what it was asked for is done and is
+    being written (sam-measure's summary.json), and a stop now would only make its line wrong."""
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, *PREEMPTING):
+            signal.signal(number, signal.SIG_IGN)
+
+
 def leave_stops_to_the_system() -> None:
     """Once the command has ended, its runs having recorded how they ended, a stop request has nothing left to
     checkpoint or report: the signals' default action ends the process at once (exit status 128 + signal), not
