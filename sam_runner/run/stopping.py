@@ -163,9 +163,10 @@ def defer_stops() -> None:
         _install_outside_handler()
 
 
-def undo_when_stopped_at_once(undo: Callable[[], None]) -> None:
-    """Call `undo` (remove what the command created) if a stop ends the process at once."""
-    _outside.undo.append(undo)
+def undo_when_stopped_at_once(undo: Callable[[], None], *, first: bool = False) -> None:
+    """Call `undo` (remove what the command created) if a stop ends the process at once; `first`: before the
+    others."""
+    _outside.undo.insert(0, undo) if first else _outside.undo.append(undo)
 
 
 @contextmanager
