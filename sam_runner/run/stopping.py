@@ -16,6 +16,9 @@ a sweep's jobs, after a run) the stop waits: the next run raises `RunStopped` be
 no run took gets the signal's default action once the command is over (`leave_stops_to_the_system`). A parallel
 sweep's sam-run hands a stop on to its jobs' processes (`hand_stops_on`, scale/parent_watch.py), which stop as a
 single run does (`request_stop`).
+
+The tools that read runs (sam-measure, sam-report, sam-landscape) have no checkpoint to write: there SIGTERM, SIGUSR1
+and SIGUSR2 raise `ToolStopped` as Ctrl-C raises KeyboardInterrupt (`stops_raised`), one line and exit 75.
 """
 
 from __future__ import annotations
