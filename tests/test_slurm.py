@@ -34,7 +34,8 @@ def signal_jobs_once_checkpointed(sweep_dir: Path, signals: dict[int, signal.Sig
         for number in list(pending):
             job = next(sweep_dir.glob(f"{number}_*"), None)
             if job is not None and (job / "checkpoints" / "last.pt").exists():
-                pid = int((job / ".lock").read_text().split()[1])  # "pid N on HOST", written by the run's lock
+                holder = (job / ".lock").read_text().split()  # "sam-run pid N on HOST", written by the run's lock
+                pid = int(holder[holder.index("pid") + 1])
                 os.kill(pid, pending.pop(number))
         time.sleep(0.01)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sam_runner.errors import SamRunnerError, describe_unforeseen
-from sam_runner.run.stopping import EXIT_INTERRUPTED
+from sam_runner.run.stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, ToolStopped, stops_raised
 
 # Exit codes (README "Exit codes"): 0 every run completed; 1 a run failed on an unforeseen error or diverged, or some
 # job of a sweep did not complete; 2 bad input (config, data, checkpoint), nothing trained; 75 pre-empted (SIGTERM,
@@ -42,12 +42,16 @@ def warnings_in_one_line(program: str) -> None:
 @contextmanager
 def one_line_errors(program: str, interrupted: str) -> Iterator[None]:
     """The tools' error policy: a problem the user can fix is one line and exit 2, Ctrl-C one line (`interrupted`:
-    what it left) and exit 130, anything unforeseen one line and exit 1 — never a traceback."""
+    what it left) and exit 130, SIGTERM/SIGUSR1/SIGUSR2 one line and exit 75 (as a pre-empted sam-run), anything
+    unforeseen one line and exit 1 — never a traceback."""
     try:
-        yield
+        with stops_raised():
+            yield
     except SamRunnerError as error:
         fail(error, program)
     except KeyboardInterrupt:
         fail(f"interrupted (Ctrl-C): {interrupted}", program, EXIT_INTERRUPTED)
+    except ToolStopped as stopped:
+        fail(f"preempted ({stopped.signal.name}): {interrupted}", program, EXIT_PREEMPTED)
     except Exception as error:  # a plug-in dataset or model that raises, a full disk
         fail_unforeseen(error, program)

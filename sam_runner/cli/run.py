@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,9 @@ def _hydra_job(cfg: DictConfig) -> float | None:
         started.append(run_dir)
 
     try:
-        with stopped_with_the_sweep(), \
+        with _job_folder_removed_if_not_started(run_dir if in_sweep else None, f"{hydra_config.job.name}.log",
+                                                 started), \
+                stopped_with_the_sweep(), \
                 gpu_slots.pinned_gpu(str(hydra_config.launcher.get("_target_", "")) if in_sweep else "",
                                      Path(hydra_config.sweep.dir), cfg.jobs_per_gpu, str(cfg.device)):
             summary = run_experiment(cfg, run_dir, choices=dict(hydra_config.runtime.choices),
@@ -135,6 +137,26 @@ def _remove_unstarted(output: Path, made: Path | None) -> None:
 
 
 @contextlib.contextmanager
+def _job_folder_removed_if_not_started(run_dir: Path | None, log_name: str, started: list[Path]) -> Iterator[None]:
+    """A sweep's job that never started (stopped before it began — the stop reached it queued, or between two jobs —
+    or refused) leaves no folder: Hydra made it with the job's log, the run its lock, and nothing else is there.
+    A folder that holds anything else (a run's records, a user's file) stays as it is."""
+    try:
+        yield
+    except BaseException:
+        if run_dir is not None and not started and torchrun_env.launched_world_size() == 1:
+            _remove_job_folder(run_dir, log_name)
+        raise
+
+
+def _remove_job_folder(run_dir: Path, log_name: str) -> None:
+    leftovers = {rundir.LOCK_NAME, log_name}
+    with contextlib.suppress(OSError):  # a folder that cannot be listed or removed stays
+        if run_dir.is_dir() and all(path.name in leftovers and path.is_file() for path in run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+
+
+@contextlib.contextmanager
 def _removed_if_not_started(run_dir: Path | None) -> Iterator[None]:
     """A single run that never started — refused for bad input that only its data shows (labels beyond num_classes,
     a missing dataset), a plug-in that raised while it was built, or stopped before it began — leaves no directory
@@ -152,19 +174,20 @@ def main() -> None:
     """`sam-run`: validate everything up front, then hand over to Hydra (single run or `-m` sweep)."""
     stop_at_once()  # a stop during start-up (seconds of imports and pre-flight) is one line and 75/130 too
     _leave_kept_thread_errors_to_the_run()
-    output = None
+    output = made = None
     try:
         args = hydra_arguments(sys.argv[1:])
         with contextlib.ExitStack() as held:
             try:
                 checked = preflight(args)
                 output = checked.output
+                made = _topmost_made(output) if output is not None else None  # before the sweep's lock makes it
                 if output is not None and args.multirun:
                     held.enter_context(held_sweep_dir(output))
             except SamRunnerError as error:
                 fail(error)
             if output is not None:
-                stopping.undo_when_stopped_at_once(_unmade(output))
+                stopping.undo_when_stopped_at_once(lambda: _remove_unstarted(output, made))
                 sys.argv.append(pinned_output(args, output))
             sys.argv += torchrun_env.hydra_overrides()  # under torchrun, Hydra writes nothing in ranks other than 0
             if checked.first_rho is not None:
@@ -174,10 +197,12 @@ def main() -> None:
             with _removed_if_not_started(None if args.multirun or output is None else output):
                 _hydra_job()
             if (stopped := stopping.stop_handed_on()) is not None:  # the jobs recorded it; the table is printed
+                _remove_unstarted(output, made)  # no job had started: the sweep leaves nothing behind
                 fail(f"{stopped.status}: {stopped}", code=stopped.exit_code)
     except (RunStopped, JobLost, JobNotStarted, KeyboardInterrupt) as stopped:
         if output is not None and args.multirun:  # a stop ends the whole sweep: show where every job got to
             show_sweep_table(output, leaving_out=Path(stopped.run_dir) if isinstance(stopped, JobNotStarted) else None)
+            _remove_unstarted(output, made)
         if isinstance(stopped, JobLost):
             fail(stopped, code=EXIT_NOT_COMPLETED)
         if isinstance(stopped, JobNotStarted):
@@ -191,8 +216,3 @@ def main() -> None:
     if args.multirun and output is not None and any(run.status not in FINISHED for run in collect(output)):
         sys.exit(EXIT_NOT_COMPLETED)  # some job failed, diverged or was interrupted: the table above says which
 
-
-def _unmade(output: Path) -> Callable[[], None]:
-    """What undoes this command's folders if a stop ends it before any run started (`_remove_unstarted`)."""
-    made = _topmost_made(output)
-    return lambda: _remove_unstarted(output, made)

@@ -19,12 +19,15 @@ def measure_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, help="training samples to measure on (default: the run's setting)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to measure (default: the run's device)")
     args = parser.parse_args(argv)
-    # the summary is written only once a measurement is complete: a Ctrl-C leaves nothing to undo
+    # the summary is written only once a measurement is complete: a stop before leaves nothing to undo, and from then
+    # on stops are ignored (the measurement is recorded whole, and the command says so)
     with one_line_errors("sam-measure", interrupted="nothing was added to the run's summary.json"):
-        from sam_runner.report.remeasure import measure_checkpoint  # torch: seconds, so inside the Ctrl-C handling
+        from sam_runner.report.remeasure import measure_checkpoint  # torch: seconds, so inside the stop handling
+        from sam_runner.run.stopping import ignore_stops
 
         result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
-                                    rho=args.rho, num_samples=args.num_samples, device=args.device)
+                                    rho=args.rho, num_samples=args.num_samples, device=args.device,
+                                    before_writing=ignore_stops)
     for name, value in result.items():
         print(f"{name:>16s}  {value:.6g}")
 

@@ -65,9 +65,10 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def claim(run_dir: Path, *, tidy: bool = True) -> Iterator[None]:
+def claim(run_dir: Path, *, tidy: bool = True, by: str = "sam-run") -> Iterator[None]:
     """Hold `run_dir` for the duration of a run; refuse it while another process holds it. `tidy=False` (sam-measure,
-    which only adds to a run's summary) leaves what a killed run left half-written to the run's own next start.
+    which only adds to a run's summary) leaves what a killed run left half-written to the run's own next start. `by`
+    names the tool in the lock file, so that whoever is refused is told which tool holds the directory.
 
     An advisory `flock` on run_dir/.lock: the kernel releases it when its holder exits, even on `kill -9`, so a
     dead run never blocks the next one. (Some network file systems do not support flock; the runs of one sweep
@@ -78,7 +79,7 @@ def claim(run_dir: Path, *, tidy: bool = True) -> Iterator[None]:
     try:
         _lock(handle, run_dir)
         handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.write(f"{by} pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         if tidy:
             remove_leftovers(run_dir)
@@ -99,9 +100,17 @@ def _lock(handle: TextIO, run_dir: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise ConfigError(f"{run_dir} is in use by another sam-run ({holder}): wait for it to end (or, for a "
+        raise ConfigError(f"{run_dir} is in use by {_holder(handle.read().strip())}: wait for it to end (or, for a "
                           f"new run, choose another hydra.run.dir)") from None
+
+
+def _holder(written: str) -> str:
+    """Who holds a lock, from what `claim` wrote into it (`sam-measure pid 12 on host`); a lock written before the
+    tools named themselves (`pid 12 on host`), or not written yet, names no tool."""
+    tool, found, process = written.partition(" pid ")
+    if not found or not tool or " " in tool:
+        return f"another sam-runner process ({written or 'starting'})"
+    return f"another {tool} (pid {process})"
 
 
 def remove_leftovers(run_dir: Path) -> None:

@@ -16,6 +16,9 @@ a sweep's jobs, after a run) the stop waits: the next run raises `RunStopped` be
 no run took gets the signal's default action once the command is over (`leave_stops_to_the_system`). A parallel
 sweep's sam-run hands a stop on to its jobs' processes (`hand_stops_on`, scale/parent_watch.py), which stop as a
 single run does (`request_stop`).
+
+The tools that read runs (sam-measure, sam-report, sam-landscape) have no checkpoint to write: there SIGTERM, SIGUSR1
+and SIGUSR2 raise `ToolStopped` as Ctrl-C raises KeyboardInterrupt (`stops_raised`), one line and exit 75.
 """
 
 from __future__ import annotations
@@ -163,9 +166,10 @@ def defer_stops() -> None:
         _install_outside_handler()
 
 
-def undo_when_stopped_at_once(undo: Callable[[], None]) -> None:
-    """Call `undo` (remove what the command created) if a stop ends the process at once."""
-    _outside.undo.append(undo)
+def undo_when_stopped_at_once(undo: Callable[[], None], *, first: bool = False) -> None:
+    """Call `undo` (remove what the command created) if a stop ends the process at once; `first`: before the
+    others."""
+    _outside.undo.insert(0, undo) if first else _outside.undo.append(undo)
 
 
 @contextmanager
@@ -204,6 +208,42 @@ def stop_handed_on() -> RunStopped | None:
         return None
     return RunStopped(_status(received), f"stopped by {received.name}: the sweep's jobs that were training stopped "
                                          f"with a checkpoint (the table above): re-run the same command to continue")
+
+
+class ToolStopped(BaseException):
+    """A tool that reads runs (sam-measure, sam-report, sam-landscape) asked to stop by SIGTERM, SIGUSR1 or SIGUSR2,
+    raised as Ctrl-C raises KeyboardInterrupt: it ends the tool with one line and exit code 75, as sam-run's stop."""
+
+    def __init__(self, received: signal.Signals) -> None:
+        super().__init__(f"stopped by {received.name}")
+        self.signal = received
+
+
+def _raise_tool_stopped(number: int, frame: FrameType | None) -> None:
+    raise ToolStopped(signal.Signals(number))
+
+
+@contextmanager
+def stops_raised() -> Iterator[None]:
+    """While a tool works: SIGTERM, SIGUSR1 and SIGUSR2 raise `ToolStopped` (the default action ends the process
+    without a word, 143). The previous handlers are back once it ends, before the tool says why it stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_tool_stopped) for number in PREEMPTING}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def ignore_stops() -> None:
+    """From now on this process ignores the stop signals, Ctrl-C included: what it was asked for is done and is
+    being written (sam-measure's summary.json), and a stop now would only make its line wrong."""
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, *PREEMPTING):
+            signal.signal(number, signal.SIG_IGN)
 
 
 def leave_stops_to_the_system() -> None:

@@ -31,6 +31,8 @@ log = logging.getLogger("sam_runner")
 # The folder where sam-run says that the sweep was stopped (file STOPPED) and its jobs that they started (STARTED).
 SWEEP_STOPS_ENV = "SAM_RUNNER_SWEEP_STOPS"
 STOPPED, STARTED = "stopped", "started"
+TRACKER_WARNINGS = tuple(f"ignore::UserWarning:{module}" for module in (
+    "joblib.externals.loky.backend.resource_tracker", "multiprocessing.resource_tracker"))
 
 
 @contextmanager
@@ -47,14 +49,37 @@ def stops_handed_to_workers() -> Iterator[None]:
         return (folder / STARTED).exists()
 
     os.environ[SWEEP_STOPS_ENV] = str(folder)
+    # joblib's resource trackers, started with the workers, clean up what a sam-run ended at once left (its queues'
+    # semaphores, memory-mapping folders) and then warn about it on sam-run's stderr, after its one line
+    warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, *TRACKER_WARNINGS]))
     stopping.undo_when_stopped_at_once(lambda: shutil.rmtree(folder, ignore_errors=True))
+    stopping.undo_when_stopped_at_once(_end_idle_workers, first=True)  # before the folders they may be making go
     stopping.hand_stops_on(hand_on)
     try:
         yield
     finally:
         stopping.hand_stops_on(None)
         os.environ.pop(SWEEP_STOPS_ENV, None)
+        if warnings is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_idle_workers() -> None:
+    """When sam-run ends at once (a stop before any job started), joblib's worker processes, started before the
+    first job, have no job to watch its parent from: they would live on, idle, holding sam-run's output open
+    (a pipe reader waits for them). They hold no record yet: they end with it (SIGKILL). Their resource trackers
+    are left alone: they clean up and exit once every process that used them has. (Linux /proc; elsewhere
+    nothing.)"""
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError, ValueError):
+                    if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                        os.kill(int(child), signal.SIGKILL)
 
 
 def in_worker() -> bool:
