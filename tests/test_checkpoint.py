@@ -12,6 +12,8 @@ from test_rundir import one_line
 
 from sam_runner.errors import CheckpointError
 from sam_runner.models import mlp
+from sam_runner.report.runs import collect
+from sam_runner.report.stats import group_runs
 from sam_runner.run.checkpoint import initial_weights
 
 SHORT = [*TINY, "epochs=1", "sharpness.measures=[]"]
@@ -64,3 +66,21 @@ def test_a_model_the_weights_do_not_fit_is_one_line_and_exit_2_with_nothing_writ
     assert result.returncode == 2
     assert one_line(result.stderr).startswith(f"sam-run: error: init_from={source}: its weights do not fit this model")
     assert not (workdir / "run").exists()
+
+
+def test_init_from_is_recorded_as_written_so_that_each_seed_s_own_source_still_groups_the_seeds(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, source: Path) -> None:
+    """`init_from=.../seed_${seed}` (a study whose seeds each continue their own fit): summary.json keeps the setting
+    as written, which the seeds share, and init_source the file each loaded; sam-report puts them in one group."""
+    for seed in (1, 2):
+        (workdir / "fits").mkdir(exist_ok=True)
+        (workdir / "fits" / f"seed_{seed}").symlink_to(source)
+    for seed in (1, 2):
+        run_in_process(workdir, monkeypatch, *SHORT, f"seed={seed}", "init_from=fits/seed_${seed}",
+                       run_dir=f"runs/{seed}")
+    summaries = [read_json(workdir / "runs" / str(seed) / "summary.json") for seed in (1, 2)]
+    assert [summary["init_from"] for summary in summaries] == ["fits/seed_${seed}"] * 2
+    assert [summary["init_source"]["path"] for summary in summaries] == [
+        str((workdir / "fits" / f"seed_{seed}" / "checkpoints" / "last.pt").resolve()) for seed in (1, 2)]
+    (group,) = group_runs(collect(workdir / "runs"))
+    assert len(group.completed) == 2

@@ -83,7 +83,8 @@ class HyperParameters:
     val_fraction: float = _derived(lambda spec: spec.dataset.get("val_fraction") or 0.0)
     precision: str = _derived(lambda spec: spec.precision)  # resolved: fp32, bf16 or fp16
     device: str = _derived(lambda spec: spec.device.type)  # resolved: cpu or cuda
-    init_from: Optional[str] = _setting()  # whose weights the run started from; summary's init_source says more
+    # whose weights the run started from, as written: `fit/seed_${seed}` groups a study's seeds (init_source: the file)
+    init_from: Optional[str] = _derived(lambda spec: spec.init_from_as_written)
     seed: int = _setting()
 
     @classmethod

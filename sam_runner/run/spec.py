@@ -349,6 +349,8 @@ class RunSpec:
     precision: str  # fp32, bf16 or fp16: `precision=auto` resolved for the device
     config: dict[str, Any]  # the whole config, interpolations resolved, as run.json records it
     choices: dict[str, str]  # Hydra's group choices (model=cnn1d, ...): the names runs are reported by
+    # init_from as written, before interpolation (`fit/seed_${seed}`): the setting that a study's seeds share
+    init_from_as_written: str | None = None
 
     @property
     def sam(self) -> DictConfig | None:
@@ -372,8 +374,10 @@ def make_spec(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunSpec
         OmegaConf.set_readonly(node, True)
         groups[name] = node
     task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    written = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["init_from"]), resolve=False).get("init_from")
     return RunSpec(settings=settings, device=device, precision=resolve_precision(settings.precision, device),
-                   config=OmegaConf.to_container(task, resolve=True), choices=dict(choices or {}), **groups)
+                   config=OmegaConf.to_container(task, resolve=True), choices=dict(choices or {}),
+                   init_from_as_written=written, **groups)
 
 
 def target_name(node: DictConfig) -> str:
