@@ -181,9 +181,9 @@ def test_a_stopped_parallel_sweep_records_every_job_stopped_and_says_so_in_one_l
 
     stdout, stderr = stopped_when(process, trained, stop_signal, code, waiting_for="3 epochs of both jobs",
                                   to_group=to_group)
-    assert stderr.strip().splitlines() == [f"sam-run: error: {status}: stopped by {stop_signal.name}: the sweep's "
-                                           f"jobs that were training stopped with a checkpoint (the table above): "
-                                           f"re-run the same command to continue"]
+    assert stderr.strip().splitlines() == [
+        f"sam-run: error: {status}: stopped by {stop_signal.name}: any of the sweep's jobs still training stopped "
+        f"with a checkpoint (the table above says which): re-run the same command to continue"]
     assert [read_json(job / "summary.json")["status"] for job in _job_dirs(workdir)] == [status, status]
     assert stdout.split("sweep sweep")[-1].count(status) >= 2, "the table shows both jobs stopped"
     for job in _job_dirs(workdir):  # each stopped after a step, with its checkpoint there

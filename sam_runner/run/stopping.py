@@ -206,8 +206,9 @@ def stop_handed_on() -> RunStopped | None:
     received = _outside.pending
     if received is None or not _outside.handed_on:
         return None
-    return RunStopped(_status(received), f"stopped by {received.name}: the sweep's jobs that were training stopped "
-                                         f"with a checkpoint (the table above): re-run the same command to continue")
+    return RunStopped(_status(received), f"stopped by {received.name}: any of the sweep's jobs still training "
+                                         f"stopped with a checkpoint (the table above says which): re-run the same "
+                                         f"command to continue")
 
 
 class ToolStopped(BaseException):
