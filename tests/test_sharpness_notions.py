@@ -50,5 +50,7 @@ def test_the_study_continues_every_algorithm_from_its_seeds_fit_and_reports_shar
         rows = list(csv.DictReader(handle))
     assert {row["measure"] for row in rows} >= {"lambda_max", "trace", "alignment"}
     assert len({(row["optimizer_label"], row["batch_size"]) for row in rows}) == 5
+    # GD's label is its own: the duplicate GD run at rho 0.5 (no steps_budget: never built) tells nothing apart
+    assert "| sgd | lambda_max | 1 | 0 → 4 |" in (out / "report.md").read_text()
     pngs = {path.name for path in out.glob("*.png")}
     assert any("lambda_max" in name for name in pngs) and any("trace" in name for name in pngs)

@@ -253,6 +253,7 @@ def _over_training_section(groups: list[Group], out_dir: Path, prefix: str, titl
     otherwise, so a report of runs measured once stays as it was."""
     if not any(trajectories.traced_runs(group) for group in groups):
         return [], []
+    groups = [group for group in groups if group.completed]  # not a sweep's duplicates: they would label the rest
     labels = report_plots.group_labels(groups)
     colours = report_plots.palette(labels)
     curves, curve_plots = _learning_curves(groups, labels, colours, out_dir, prefix, title)
