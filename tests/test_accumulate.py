@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, read_json, run_in_process
 from hydra import compose, initialize_config_dir
-from test_resume import assert_same_run
+from test_resume import assert_resumes_in_lock_step
 from test_steps import (
     LR,
     RHO,
@@ -299,22 +299,5 @@ def test_an_accumulated_run_records_accumulate_and_trains_as_the_one_piece_run(w
 def test_a_stopped_accumulated_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed right after its checkpoint at step 6 (of 8; mid-epoch 2), then re-run: equal to the run never
     stopped, weights, optimizer state, metrics and summary."""
-    from sam_runner.run import loop
-
-    options = [*(o for o in TINY if not o.startswith("model=")), "model=cnn1d", "optimizer=sam", "accumulate=3",
-               "checkpoint.every_steps=2"]  # cnn1d: BatchNorm buffers are part of what resumes
-    run_in_process(tmp_path, monkeypatch, *options, run_dir="reference")
-    save = loop.save_checkpoint
-
-    def killed_after_step_6(run: Any, progress: Any, summary: Any) -> None:
-        save(run, progress, summary)
-        if progress.step == 6:
-            raise SystemExit(137)  # as `kill -9` right after the checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", killed_after_step_6)
-    with pytest.raises(SystemExit):
-        run_in_process(tmp_path, monkeypatch, *options)
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 6
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    run_in_process(tmp_path, monkeypatch, *options)
-    assert_same_run(tmp_path / "run", tmp_path / "reference")
+    assert_resumes_in_lock_step(tmp_path, monkeypatch, *(o for o in TINY if not o.startswith("model=")),
+                                "model=cnn1d", "optimizer=sam", "accumulate=3", "checkpoint.every_steps=2")

@@ -8,6 +8,7 @@ import copy
 import math
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,29 +107,40 @@ def _evaluation_sums(world: World) -> torch.Tensor:
     return distributed.all_reduce_sum(total, world)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _work(world: World) -> dict:
+    return {
+        "world": (world.rank, world.world_size, world.is_main),
+        "global": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5),
+        "local": _train(world, "local", LOCAL_BATCHES, _plain_sam),
+        "local_micro": _train(world, "local", MICRO_BATCHES, _plain_sam, micro_batch_size=3),
+        "global_accumulate": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5,
+                                    accumulate=2),  # the last batch's shards 4 + 3: micro-batches 2+2, 2+1
+        "local_accumulate": _train(world, "local", LOCAL_BATCHES, _plain_sam, accumulate=3),
+        "plain_accumulate": _train(world, "global", GLOBAL_BATCHES, _momentum_sgd, accumulate=3),
+        "allreduces": {(name, mode, k): _allreduces_per_step(world, make, mode, k)
+                       for name, make in (("sgd", _momentum_sgd), ("sam", _plain_sam))
+                       for mode in ("global", "local") for k in (1, 3)},
+        "bn_global": _batchnorm_after_one_step(world, "global"),
+        "bn_local": _batchnorm_after_one_step(world, "local"),
+        "evaluation": _evaluation_sums(world),
+    }
+
+
+def _rank_main(rank: int, work: Callable[[World], dict], port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # what torchrun sets for each worker
     with distributed.process_group(torch.device("cpu")) as world:
-        results = {
-            "world": (world.rank, world.world_size, world.is_main),
-            "global": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5),
-            "local": _train(world, "local", LOCAL_BATCHES, _plain_sam),
-            "local_micro": _train(world, "local", MICRO_BATCHES, _plain_sam, micro_batch_size=3),
-            "global_accumulate": _train(world, "global", GLOBAL_BATCHES, _momentum_sam, max_grad_norm=0.5,
-                                        accumulate=2),  # the last batch's shards 4 + 3: micro-batches 2+2, 2+1
-            "local_accumulate": _train(world, "local", LOCAL_BATCHES, _plain_sam, accumulate=3),
-            "plain_accumulate": _train(world, "global", GLOBAL_BATCHES, _momentum_sgd, accumulate=3),
-            "allreduces": {(name, mode, k): _allreduces_per_step(world, make, mode, k)
-                           for name, make in (("sgd", _momentum_sgd), ("sam", _plain_sam))
-                           for mode in ("global", "local") for k in (1, 3)},
-            "bn_global": _batchnorm_after_one_step(world, "global"),
-            "bn_local": _batchnorm_after_one_step(world, "local"),
-            "evaluation": _evaluation_sums(world),
-        }
+        results = work(world)
     results["group_left"] = not torch.distributed.is_initialized()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def results_of_each_rank(work: Callable[[World], dict], out_dir: Path) -> list[dict]:
+    """`work` (a module-level function) in WORLD_SIZE gloo processes on the CPU, joined as under torchrun: what it
+    returned on each rank (with `group_left`: whether the process group was gone afterwards)."""
+    torch.multiprocessing.spawn(_rank_main, args=(work, _free_port(), str(out_dir)), nprocs=WORLD_SIZE)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
 def _free_port() -> int:
@@ -139,9 +151,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    return results_of_each_rank(_work, tmp_path_factory.mktemp("ddp"))
 
 
 def _assert_same_weights(actual: dict, expected: dict, rtol: float = 1e-10) -> None:

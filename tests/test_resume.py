@@ -84,6 +84,28 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
             assert torch.equal(ours["optimizer"]["state"][index][key], value), (index, key)
 
 
+def assert_resumes_in_lock_step(workdir: Path, monkeypatch: pytest.MonkeyPatch, *options: str, step: int = 6) -> None:
+    """A run killed right after its checkpoint at `step` (as `kill -9` there), then re-run, ends equal to the run
+    never stopped: weights, buffers, optimizer state (a variant's own state too), metrics and summary."""
+    from sam_runner.run import loop
+
+    run_in_process(workdir, monkeypatch, *options, run_dir="reference")
+    save = loop.save_checkpoint
+
+    def killed_after_the_step(run: Any, progress: Any, summary: Any) -> None:
+        save(run, progress, summary)
+        if progress.step == step:
+            raise SystemExit(137)
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after_the_step)
+    with pytest.raises(SystemExit):
+        run_in_process(workdir, monkeypatch, *options)
+    assert checkpointed_step(workdir / "run" / "checkpoints" / "last.pt")[0] == step
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    run_in_process(workdir, monkeypatch, *options)
+    assert_same_run(workdir / "run", workdir / "reference")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run, never interrupted."""

@@ -11,20 +11,18 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, composed, read_json, run_cli, run_in_process
-from test_resume import assert_same_run
+from conftest import TINY, run_cli
+from test_distributed import results_of_each_rank
+from test_resume import assert_resumes_in_lock_step
 from torch import nn
 from torch.func import functional_call
 
 from sam_runner.errors import ConfigError
 from sam_runner.optim import FSAM, SAM, SAMON, normalization_groups, normalization_parameters
-from sam_runner.report.runs import optimizer_label
-from sam_runner.run.spec import validate
 from sam_runner.scale import distributed
 from sam_runner.scale.distributed import World
 from sam_runner.steps import train_step
@@ -192,12 +190,16 @@ def test_sam_on_leaves_the_other_parameters_unperturbed_and_batchnorm_statistics
         assert torch.equal(getattr(net[1], name), getattr(reference[1], name)), name
 
 
+def _make(variant: str, model: nn.Module) -> SAM:
+    if variant == "sam_on":
+        return SAMON(normalization_groups(model), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    return FSAM(model.parameters(), torch.optim.SGD, rho=0.2, sigma=1.0, lmbda=0.6, lr=0.1, momentum=0.9)
+
+
 @pytest.mark.parametrize("variant", ["sam_on", "fsam"])
 def test_under_a_grad_scaler_the_step_is_the_unscaled_one(variant):
     models = [_net(), _net()]
-    make = (lambda m: SAMON(normalization_groups(m), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)) \
-        if variant == "sam_on" else (lambda m: FSAM(m.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9))
-    opts = [make(m) for m in models]
+    opts = [_make(variant, m) for m in models]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for step in range(3):
         x, y = _batch(seed=step + 1)
@@ -236,9 +238,7 @@ def test_fsam_non_finite_clean_gradient_skips_the_step_and_leaves_the_ema():
 def test_accumulation_equals_the_one_piece_step(variant):
     """accumulate=k: ε (and F-SAM's EMA update) from the whole batch's gradient, as in one piece."""
     models = [_net(), _net()]
-    make = (lambda m: SAMON(normalization_groups(m), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)) \
-        if variant == "sam_on" else (lambda m: FSAM(m.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9))
-    opts = [make(m) for m in models]
+    opts = [_make(variant, m) for m in models]
     for step in range(3):
         x, y = _batch(13, seed=step + 1)
         train_step(models[0], x, y, opts[0], F.cross_entropy)
@@ -271,20 +271,6 @@ def test_fsam_state_dict_carries_the_ema_and_a_rebuilt_optimizer_steps_in_lock_s
 # Refusals, in one line.
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["optimizer=fsam", "optimizer.sam.sigma=-1"], "optimizer.sam.sigma must be a finite number >= 0"),
-    (["optimizer=fsam", "optimizer.sam.lmbda=1.0"], r"optimizer.sam.lmbda must be in \[0, 1\)"),
-    (["optimizer=fsam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by fsam"),
-    (["optimizer=fsam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the fsam variant"),
-    (["optimizer=sam_on", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the sam_on variant"),
-])
-def test_bad_settings_are_refused_in_one_line(workdir, monkeypatch, overrides, message):
-    cfg, _ = composed(workdir, monkeypatch, overrides)
-    with pytest.raises(ConfigError, match=message) as error:
-        validate(cfg)
-    assert "\n" not in str(error.value)
-
-
 def test_fsam_with_the_local_ddp_mode_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="F-SAM with the local SAM mode is not supported") as error:
         distributed.check_setup(World(world_size=2), batch_size=64, num_samples=128, sam_mode="local",
@@ -307,96 +293,13 @@ def test_sam_on_on_a_network_without_normalization_layers_is_refused_before_writ
 # End to end, resume, labels.
 
 
-@pytest.mark.parametrize(("variant", "extra", "recorded", "label"), [
-    # cnn1d and mlp have no normalization layer: Keskar's C1 (BatchNorm in its conv and dense blocks) on 8x8 images
-    ("sam_on", ["model=keskar_c1", "dataset.source.input_shape=[3,8,8]"], {"sam_variant": "sam_on", "rho": 0.5, "fsam_sigma": None, "fsam_lambda": None},
-     "sam_on ρ=0.5"),
-    ("fsam", ["optimizer/base=adamw", "accumulate=2"],
-     {"sam_variant": "fsam", "rho": 0.2, "fsam_sigma": 1.0, "fsam_lambda": 0.6, "accumulate": 2},
-     "fsam(adamw) ρ=0.2 σ=1 λ=0.6"),
-])
-def test_a_variant_runs_end_to_end_and_its_summary_records_it(workdir, monkeypatch, variant, extra, recorded, label):
-    options = [o for o in TINY if not (o.startswith("model=") and any(e.startswith("model=") for e in extra))]
-    run_dir = run_in_process(workdir, monkeypatch, *options, f"optimizer={variant}", *extra)
-    summary = read_json(run_dir / "summary.json")
-    assert summary["status"] == "completed" and summary["optimizer"] == variant
-    assert {key: summary[key] for key in recorded} == recorded
-    assert math.isfinite(summary["test_loss"]) and summary["steps_completed"] == 8
-    assert optimizer_label(summary, with_rho=True) == label
-
-
 def test_a_stopped_fsam_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed right after its checkpoint at step 6 (of 8, mid-epoch 2), then re-run: equal to the run never stopped —
     weights, optimizer state with the EMA (`assert_same_run` compares every state entry), metrics and summary."""
-    from sam_runner.run import loop
-
-    options = [*TINY, "optimizer=fsam", "optimizer.sam.lmbda=0.5", "sam_start=0.25", "checkpoint.every_steps=2"]
-    run_in_process(tmp_path, monkeypatch, *options, run_dir="reference")
-    save = loop.save_checkpoint
-
-    def killed_after_step_6(run: Any, progress: Any, summary: Any) -> None:
-        save(run, progress, summary)
-        if progress.step == 6:
-            raise SystemExit(137)  # as `kill -9` right after the checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", killed_after_step_6)
-    with pytest.raises(SystemExit):
-        run_in_process(tmp_path, monkeypatch, *options)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    run_in_process(tmp_path, monkeypatch, *options)
-    assert_same_run(tmp_path / "run", tmp_path / "reference")
+    assert_resumes_in_lock_step(tmp_path, monkeypatch, *TINY, "optimizer=fsam", "optimizer.sam.lmbda=0.5",
+                                "sam_start=0.25", "checkpoint.every_steps=2")
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["state"]
     assert state and all("fsam_ema" in entry for entry in state.values())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# AMP bf16, compile, DDP.
-
-
-def _make(variant: str, model: nn.Module) -> SAM:
-    if variant == "sam_on":
-        return SAMON(normalization_groups(model), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
-    return FSAM(model.parameters(), torch.optim.SGD, rho=0.2, sigma=1.0, lmbda=0.6, lr=0.1, momentum=0.9)
-
-
-@pytest.mark.parametrize("variant", ["sam_on", "fsam"])
-def test_bf16_autocast_steps_stay_close_to_fp32(variant):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    twin = copy.deepcopy(net)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
-    opt, twin_opt = _make(variant, net), _make(variant, twin)
-    for _ in range(2):
-        low = train_step(net, x, y, opt, F.cross_entropy, autocast_dtype=torch.bfloat16)
-        full = train_step(twin, x, y, twin_opt, F.cross_entropy)
-        assert math.isfinite(low.loss.item()) and low.loss.item() == pytest.approx(full.loss.item(), rel=3e-2)
-    for a, b in zip(net.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-3)
-
-
-@pytest.mark.parametrize("variant", ["sam_on", "fsam"])
-def test_compiled_variant_steps_agree_with_eager_ones(variant):
-    """compile=true compiles the model only (the optimizer, EMA included, runs eagerly): with `aot_eager` the steps
-    on a BatchNorm network match the eager ones."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager = nn.Sequential(nn.Conv1d(1, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(6 * 12, 4))
-    compiled = copy.deepcopy(eager)
-    compiled.compile(backend="aot_eager")
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 1, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
-    eager_opt, compiled_opt = _make(variant, eager), _make(variant, compiled)
-    try:
-        for _ in range(3):
-            want = train_step(eager, x, y, eager_opt, F.cross_entropy)
-            got = train_step(compiled, x, y, compiled_opt, F.cross_entropy)
-            torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=1e-5, atol=1e-5)
-        for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
-    finally:
-        torch._dynamo.reset()
 
 
 DDP_BATCHES = [(0, 12), (12, 24), (24, 31)]
@@ -407,35 +310,23 @@ def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(31, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (31,), generator=g)
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _ddp_work(world: World) -> dict:
     x, y = _ddp_data()
     results = {}
-    with distributed.process_group(torch.device("cpu")) as world:
-        for variant in ("sam_on", "fsam"):
-            model = distributed.wrap_model(_net(), world)
-            optimizer = _make(variant, distributed.unwrap(model))
-            for start, stop in DDP_BATCHES:
-                distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
-                                             world, sam_mode="global")
-            results[variant] = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    for variant in ("sam_on", "fsam"):
+        model = distributed.wrap_model(_net(), world)
+        optimizer = _make(variant, distributed.unwrap(model))
+        for start, stop in DDP_BATCHES:
+            distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
+                                         world, sam_mode="global")
+        results[variant] = {"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+    return results
 
 
 def test_ddp_global_mode_equals_one_process_and_the_fsam_ema_is_the_same_on_every_rank(tmp_path):
     """Two gloo processes on shards of each batch: weights and F-SAM's EMA (from the all-reduced gradient) equal one
     process on the whole batch, on both ranks."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = results_of_each_rank(_ddp_work, tmp_path)
     x, y = _ddp_data()
     for variant in ("sam_on", "fsam"):
         model = _net()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, composed, read_json, run_cli, run_in_process
-from test_resume import assert_same_run
+from test_distributed import results_of_each_rank
+from test_resume import assert_resumes_in_lock_step
 from torch import nn
 from torch.func import functional_call
 
 from sam_runner.errors import ConfigError
-from sam_runner.optim import GSAM, SAM, USAM
+from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
 from sam_runner.report.runs import optimizer_label
 from sam_runner.run.spec import validate
 from sam_runner.scale import distributed
@@ -351,39 +353,27 @@ def _make_variant(name: str, model: nn.Module) -> SAM:
     return USAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.2, momentum=0.9)
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _ddp_work(world: World) -> dict:
     x, y = _ddp_data()
     results = {}
-    with distributed.process_group(torch.device("cpu")) as world:
-        for name in ("gsam", "usam"):
-            model = distributed.wrap_model(_ddp_mlp(), world)
-            optimizer = _make_variant(name, model)
-            for start, stop in DDP_BATCHES:
-                distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
-                                             world, sam_mode="global", max_grad_norm=0.5)
-            results[name] = distributed.unwrap(model).state_dict()
-        model = distributed.wrap_model(_ddp_mlp(), world)  # local mode: each process's own ε = ρ·g_shard
-        optimizer = USAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.2)
-        for start, stop in DDP_LOCAL_BATCHES:
+    for name in ("gsam", "usam"):
+        model = distributed.wrap_model(_ddp_mlp(), world)
+        optimizer = _make_variant(name, model)
+        for start, stop in DDP_BATCHES:
             distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
-                                         world, sam_mode="local")
-        results["usam_local"] = distributed.unwrap(model).state_dict()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+                                         world, sam_mode="global", max_grad_norm=0.5)
+        results[name] = distributed.unwrap(model).state_dict()
+    model = distributed.wrap_model(_ddp_mlp(), world)  # local mode: each process's own ε = ρ·g_shard
+    optimizer = USAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.2)
+    for start, stop in DDP_LOCAL_BATCHES:
+        distributed.distributed_step(model, x[start:stop], y[start:stop], optimizer, nn.CrossEntropyLoss(),
+                                     world, sam_mode="local")
+    results["usam_local"] = distributed.unwrap(model).state_dict()
+    return results
 
 
 def test_ddp_global_mode_equals_one_process_and_usam_local_mode_the_per_shard_formula(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = results_of_each_rank(_ddp_work, tmp_path)
     x, y = _ddp_data()
     for name in ("gsam", "usam"):
         model = _ddp_mlp()
@@ -426,6 +416,11 @@ def test_gsam_with_the_local_ddp_mode_is_refused_in_one_line():
     (["optimizer=gsam", "optimizer.sam.alpha=-0.1"], "optimizer.sam.alpha must be a finite number >= 0"),
     (["optimizer=usam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the usam variant"),
     (["optimizer=gsam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the gsam variant"),
+    (["optimizer=fsam", "optimizer.sam.sigma=-1"], "optimizer.sam.sigma must be a finite number >= 0"),
+    (["optimizer=fsam", "optimizer.sam.lmbda=1.0"], r"optimizer.sam.lmbda must be in \[0, 1\)"),
+    (["optimizer=fsam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by fsam"),
+    (["optimizer=fsam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the fsam variant"),
+    (["optimizer=sam_on", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the sam_on variant"),
 ])
 def test_bad_variant_settings_are_refused_in_one_line(workdir, monkeypatch, overrides, message):
     cfg, _ = composed(workdir, monkeypatch, overrides)
@@ -442,9 +437,16 @@ def test_bad_variant_settings_are_refused_in_one_line(workdir, monkeypatch, over
     ("sam", ["optimizer.sam.rho_schedule=lr", "optimizer/base=adamw"],
      {"sam_variant": "sam", "rho_schedule": "lr", "rho_min": 0.0, "gsam_alpha": None, "rho": 0.05},
      "sam(adamw) ρ=0.05 ρ∝lr"),
+    # cnn1d and mlp have no normalization layer: Keskar's C1 (BatchNorm in its conv and dense blocks) on 8x8 images
+    ("sam_on", ["model=keskar_c1", "dataset.source.input_shape=[3,8,8]"],
+     {"sam_variant": "sam_on", "rho": 0.5, "fsam_sigma": None, "fsam_lambda": None}, "sam_on ρ=0.5"),
+    ("fsam", ["optimizer/base=adamw", "accumulate=2"],
+     {"sam_variant": "fsam", "rho": 0.2, "fsam_sigma": 1.0, "fsam_lambda": 0.6, "accumulate": 2},
+     "fsam(adamw) ρ=0.2 σ=1 λ=0.6"),
 ])
 def test_a_variant_runs_end_to_end_and_its_summary_records_it(workdir, monkeypatch, variant, extra, recorded, label):
-    run_dir = run_in_process(workdir, monkeypatch, *TINY, f"optimizer={variant}", *extra)
+    options = [o for o in TINY if not (o.startswith("model=") and any(e.startswith("model=") for e in extra))]
+    run_dir = run_in_process(workdir, monkeypatch, *options, f"optimizer={variant}", *extra)
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "completed" and summary["optimizer"] == variant
     assert {key: summary[key] for key in recorded} == recorded
@@ -454,25 +456,9 @@ def test_a_variant_runs_end_to_end_and_its_summary_records_it(workdir, monkeypat
 
 def test_a_stopped_gsam_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed right after its checkpoint at step 6 (of 8, mid-epoch 2; ρ_t following the cosine lr), then re-run:
-    equal to the run never stopped, weights, BatchNorm buffers, optimizer state, metrics and summary."""
-    from sam_runner.run import loop
-
-    options = [*(o for o in TINY if not o.startswith("model=")), "model=cnn1d", "optimizer=gsam",
-               "optimizer.sam.alpha=0.4", "checkpoint.every_steps=2"]
-    run_in_process(tmp_path, monkeypatch, *options, run_dir="reference")
-    save = loop.save_checkpoint
-
-    def killed_after_step_6(run: Any, progress: Any, summary: Any) -> None:
-        save(run, progress, summary)
-        if progress.step == 6:
-            raise SystemExit(137)  # as `kill -9` right after the checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", killed_after_step_6)
-    with pytest.raises(SystemExit):
-        run_in_process(tmp_path, monkeypatch, *options)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    run_in_process(tmp_path, monkeypatch, *options)
-    assert_same_run(tmp_path / "run", tmp_path / "reference")
+    equal to the run never stopped, weights, optimizer state, metrics and summary."""
+    assert_resumes_in_lock_step(tmp_path, monkeypatch, *(o for o in TINY if not o.startswith("model=")),
+                                "model=cnn1d", "optimizer=gsam", "optimizer.sam.alpha=0.4", "checkpoint.every_steps=2")
 
 
 def test_a_rho_sweep_over_gsam_gives_one_label_per_radius():
@@ -483,10 +469,19 @@ def test_a_rho_sweep_over_gsam_gives_one_label_per_radius():
     assert optimizer_label({**summaries[0], "base_optimizer": "adamw"}) == "gsam(adamw) α=0.4 ρ∝lr"
 
 
-@pytest.mark.parametrize("variant", ["usam", "gsam"])
+# Each variant around SGD with momentum, for the tests that run them all alike.
+VARIANTS: dict[str, Callable[[nn.Module], SAM]] = {
+    "usam": lambda m: USAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    "gsam": lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1, momentum=0.9),
+    "sam_on": lambda m: SAMON(normalization_groups(m), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9),
+    "fsam": lambda m: FSAM(m.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_compiled_variant_steps_agree_with_eager_ones(variant):
-    """compile=true compiles the model only (the optimizer runs eagerly): with Dynamo + AOTAutograd (`aot_eager`,
-    no C++ build) the variant's steps on a BatchNorm network match the eager ones."""
+    """compile=true compiles the model only (the optimizer, F-SAM's EMA included, runs eagerly): with Dynamo +
+    AOTAutograd (`aot_eager`, no C++ build) the variant's steps on a BatchNorm network match the eager ones."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv1d(1, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(),
@@ -495,9 +490,7 @@ def test_compiled_variant_steps_agree_with_eager_ones(variant):
     compiled.compile(backend="aot_eager")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 1, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
-    make = (lambda m: USAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)) if variant == "usam" \
-        else (lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1, momentum=0.9))
-    eager_opt, compiled_opt = make(eager), make(compiled)
+    eager_opt, compiled_opt = VARIANTS[variant](eager), VARIANTS[variant](compiled)
     try:
         for _ in range(3):
             want = train_step(eager, x, y, eager_opt, F.cross_entropy)
@@ -517,7 +510,7 @@ def test_sam_run_refuses_a_bad_variant_setting_with_exit_2_before_writing(workdi
     assert not (workdir / "refused").exists()
 
 
-@pytest.mark.parametrize("variant", ["usam", "gsam"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_autocast_steps_stay_close_to_fp32(variant):
     """bf16 autocast (no scaler): the forwards in bf16, gradients, ε and the decomposition in the fp32 parameters'
     dtype; two steps stay within bf16's resolution of the fp32 ones."""
@@ -526,9 +519,7 @@ def test_bf16_autocast_steps_stay_close_to_fp32(variant):
     twin = copy.deepcopy(net)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
-    make = (lambda m: USAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.05)) if variant == "usam" \
-        else (lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.05))
-    opt, twin_opt = make(net), make(twin)
+    opt, twin_opt = VARIANTS[variant](net), VARIANTS[variant](twin)
     for _ in range(2):
         low = train_step(net, x, y, opt, F.cross_entropy, autocast_dtype=torch.bfloat16)
         full = train_step(twin, x, y, twin_opt, F.cross_entropy)
