@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import read_json, run_cli
 
-SMALL = ["model.hidden=[16]", "seed=0"]  # one seed of a small network; the presets' data, loss and lr
+SMALL = ["model.hidden=[16]", "seed=0", "sharpness.options={max_iterations:20,trace_probes:10}"]  # one seed, small
 FIT = ["-m", "experiment=sharpness_notions_fit", *SMALL, "epochs=2"]
 # gd, sam and sam_batch1 at both radii: gd at 0.5 is a duplicate of gd at 0.1 (the preset's grid gives the 0.1)
 CONTINUATION = ["-m", "experiment=sharpness_notions", *SMALL, "+continuation=gd,sam,sam_batch1", "steps=4",

@@ -331,7 +331,7 @@ def test_a_parallel_sweep_whose_sam_run_is_killed_stops_its_workers_and_the_comm
     `preempted`) and its worker exits, instead of training on unseen; the same command then finishes the sweep."""
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs Linux's /proc to find the worker processes")
-    command = ["-m", "hydra/launcher=parallel", *TINY, "dataset.source.num_train=4096", "epochs=200",
+    command = ["-m", "hydra/launcher=parallel", *TINY, "dataset.source.num_train=4096", "epochs=80",
                "checkpoint.every_steps=10", "sharpness.measures=[]", "seed=0,1", "hydra.sweep.dir=sweep"]
     process = in_background(workdir, *command)
     deadline = time.monotonic() + 120
