@@ -213,13 +213,11 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, m
             options["alpha"] = node.sam.alpha
         if variant == "fsam":
             options.update(sigma=node.sam.sigma, lmbda=node.sam.lmbda)
-        groups = _perturbation_groups(model, node.sam)
-        if variant == "sam_on":
-            groups = normalization_groups(model)
-            if not any(group.get("perturb", True) for group in groups):
-                raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "
-                                  f"BatchNorm, LayerNorm or GroupNorm affine parameters): use e.g. model=cnn1d, or "
-                                  f"optimizer=sam")
+        groups = normalization_groups(model) if variant == "sam_on" else _perturbation_groups(model, node.sam)
+        if not any(group.get("perturb", True) for group in groups):  # sam_on on a network without them
+            raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "
+                              f"BatchNorm, LayerNorm or GroupNorm affine parameters): use a model with them (e.g. "
+                              f"model=resnet18 or keskar_c1), or optimizer=sam")
         return SAM_VARIANTS[variant](groups, make_base, **options, lr=lr)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {node.name}: {error}") from None
