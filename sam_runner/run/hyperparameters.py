@@ -34,6 +34,12 @@ def _asam(value: Callable[[DictConfig], Any]) -> Any:
                     sam_only=True)
 
 
+def _variant(name: str, value: Callable[[DictConfig], Any]) -> Any:
+    """A value of one SAM variant's (`sam.variant`, e.g. gsam's alpha); null for the others and plain optimizers."""
+    return _derived(lambda spec: value(spec.sam) if spec.sam is not None and spec.sam.get("variant") == name
+                    else None, sam_only=True)
+
+
 @dataclass(frozen=True)
 class HyperParameters:
     """The flat hyper-parameters summary.json carries, in the order reports list them. A report groups runs that
@@ -54,12 +60,9 @@ class HyperParameters:
     rho_schedule: Optional[str] = _sam(lambda sam: sam.get("rho_schedule", "constant"))  # constant or lr
     rho_min: Optional[float] = _derived(lambda spec: spec.sam.get("rho_min", 0.0) if spec.sam is not None and
                                         spec.sam.get("rho_schedule", "constant") == "lr" else None, sam_only=True)
-    gsam_alpha: Optional[float] = _derived(lambda spec: spec.sam.alpha if spec.sam is not None and
-                                           spec.sam.get("variant") == "gsam" else None, sam_only=True)
-    fsam_sigma: Optional[float] = _derived(lambda spec: spec.sam.sigma if spec.sam is not None and
-                                           spec.sam.get("variant") == "fsam" else None, sam_only=True)
-    fsam_lambda: Optional[float] = _derived(lambda spec: spec.sam.lmbda if spec.sam is not None and
-                                            spec.sam.get("variant") == "fsam" else None, sam_only=True)
+    gsam_alpha: Optional[float] = _variant("gsam", lambda sam: sam.alpha)
+    fsam_sigma: Optional[float] = _variant("fsam", lambda sam: sam.sigma)
+    fsam_lambda: Optional[float] = _variant("fsam", lambda sam: sam.lmbda)
     micro_batch_size: Optional[int] = _sam(lambda sam: sam.micro_batch_size)
     weight_decay: float = _derived(lambda spec: spec.optimizer.base.build.get("weight_decay", 0.0))
     weight_decay_in_perturbation: Optional[bool] = _sam(lambda sam: bool(sam.perturb_weight_decay))

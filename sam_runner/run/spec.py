@@ -127,6 +127,11 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _finite_non_negative(value: Any) -> bool:
+    """A number (not a bool) that is finite and >= 0: a variant's weight (GSAM's alpha, F-SAM's sigma)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _select(settings: Settings, key: str) -> Any:
     value: Any = settings
     for part in key.split("."):
@@ -299,14 +304,13 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
              f"optimizer.sam.adaptive=false")
     if variant == "gsam":
         alpha = sam.get("alpha")
-        _require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
-                 and alpha >= 0, f"optimizer.sam.alpha must be a finite number >= 0 (got {alpha}): GSAM's weight "
-                                 f"of the clean gradient's part orthogonal to the perturbed one")
+        _require(_finite_non_negative(alpha), f"optimizer.sam.alpha must be a finite number >= 0 (got {alpha}): "
+                                              f"GSAM's weight of the clean gradient's part orthogonal to the "
+                                              f"perturbed one")
     if variant == "fsam":
         sigma, lmbda = sam.get("sigma"), sam.get("lmbda")
-        _require(isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma)
-                 and sigma >= 0, f"optimizer.sam.sigma must be a finite number >= 0 (got {sigma}): F-SAM's weight of "
-                                 f"the gradient EMA subtracted from the gradient")
+        _require(_finite_non_negative(sigma), f"optimizer.sam.sigma must be a finite number >= 0 (got {sigma}): "
+                                              f"F-SAM's weight of the gradient EMA subtracted from the gradient")
         _require(isinstance(lmbda, (int, float)) and not isinstance(lmbda, bool) and 0 <= lmbda < 1,
                  f"optimizer.sam.lmbda must be in [0, 1) (got {lmbda}): the decay per step of F-SAM's gradient EMA")
         _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by fsam (got {m}): its "
