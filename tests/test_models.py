@@ -27,9 +27,10 @@ def count(model: nn.Module) -> int:
     (models.wide_resnet, IMAGE, {"depth": 16, "widen_factor": 8}, 10_961_370),
     (models.keskar_c1, IMAGE, {}, 1_757_834),
     (models.cnn1d, SEQUENCE, {}, 5_210),
+    (models.cnn1d, SEQUENCE, {"norm": "batch"}, 5_210 - 3 * 25 + 3 * 2 * 25),  # conv biases become BN's γ, β
     (models.mlp, SEQUENCE, {}, 15_210),
     (models.mlp, (1, 28, 28), {"hidden": [512] * 5}, 784 * 512 + 4 * 512 * 512 + 512 * 10 + 5 * 512 + 10),
-], ids=["resnet18", "wrn16_8", "keskar_c1", "cnn1d", "mlp", "mlp_f1"])
+], ids=["resnet18", "wrn16_8", "keskar_c1", "cnn1d", "cnn1d_batchnorm", "mlp", "mlp_f1"])
 def test_builder_maps_inputs_to_logits(builder, shape, options, params):
     model = builder(num_classes=10, input_shape=shape, **options)
     assert count(model) == params
@@ -48,6 +49,14 @@ def test_num_classes_and_channels_follow_the_arguments():
     model = models.wide_resnet(num_classes=100, input_shape=(1, 16, 16), depth=10, widen_factor=1, dropout=0.3)
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 100)
     assert models.cnn1d(num_classes=3, input_shape=(2, 64))(torch.randn(2, 2, 64)).shape == (2, 3)
+
+
+def test_cnn1d_with_batch_norm_normalizes_after_each_convolution():
+    model = models.cnn1d(num_classes=10, input_shape=SEQUENCE, norm="batch")
+    layers = [m for m in model.modules() if not isinstance(m, nn.Sequential)]
+    block = [nn.Conv1d, nn.BatchNorm1d, nn.ReLU]
+    assert [type(m) for m in layers] == 3 * block + [nn.Flatten, nn.Linear]
+    assert all(m.bias is None for m in layers if isinstance(m, nn.Conv1d))
 
 
 def test_keskar_c1_has_the_layers_of_keskars_shallownet_in_order():
@@ -103,6 +112,7 @@ def test_dummy_forward_leaves_batchnorm_untouched():
     (lambda: models.resnet18(num_classes=10, input_shape=SEQUENCE), "needs image inputs"),
     (lambda: models.keskar_c1(num_classes=10, input_shape=SEQUENCE), "needs image inputs"),
     (lambda: models.cnn1d(num_classes=10, input_shape=IMAGE), "needs sequence inputs"),
+    (lambda: models.cnn1d(num_classes=10, input_shape=SEQUENCE, norm="layer"), "model.norm: invalid value 'layer'"),
     (lambda: models.wide_resnet(num_classes=10, input_shape=IMAGE, depth=20), "6n \\+ 4"),
     (lambda: models.wide_resnet(num_classes=10, input_shape=IMAGE, dropout=1.0), "dropout"),
 ])

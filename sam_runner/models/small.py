@@ -21,17 +21,27 @@ def _flat_size(features: nn.Module, input_shape: Sequence[int]) -> int:
     return size
 
 
-def cnn1d(num_classes: int, input_shape: Sequence[int], channels: int = 25) -> nn.Sequential:
-    """Three Conv1d layers (kernel 5/3/3, stride 2, ReLU) and a linear layer: 94% on MNIST-1D in the paper."""
+NORMS = ("none", "batch")  # cnn1d's `norm`: no normalization layer, or BatchNorm1d after each convolution
+
+
+def cnn1d(num_classes: int, input_shape: Sequence[int], channels: int = 25, norm: str = "none") -> nn.Sequential:
+    """Three Conv1d layers (kernel 5/3/3, stride 2, ReLU) and a linear layer: 94% on MNIST-1D in the paper.
+
+    norm="batch" puts a BatchNorm1d between each convolution (then without its bias, which the normalization
+    would cancel) and its ReLU: the same network with normalization layers, for what needs them (SAM-ON).
+    """
     if len(input_shape) != 2:
         raise ConfigError(f"model cnn1d needs sequence inputs (C, L), got input_shape={tuple(input_shape)}: "
                           f"use another model for this dataset")
-    features = nn.Sequential(
-        nn.Conv1d(input_shape[0], channels, 5, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(),
-    )
+    if norm not in NORMS:
+        raise ConfigError(f"model.norm: invalid value {norm!r} for cnn1d, expected one of [{', '.join(NORMS)}]")
+
+    def block(in_channels: int, kernel: int, padding: int) -> list[nn.Module]:
+        conv = nn.Conv1d(in_channels, channels, kernel, stride=2, padding=padding, bias=norm == "none")
+        return [conv, nn.BatchNorm1d(channels), nn.ReLU()] if norm == "batch" else [conv, nn.ReLU()]
+
+    features = nn.Sequential(*block(input_shape[0], 5, 1), *block(channels, 3, 1), *block(channels, 3, 1),
+                             nn.Flatten())
     return nn.Sequential(features, nn.Linear(_flat_size(features, input_shape), num_classes))
 
 

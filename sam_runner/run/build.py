@@ -217,7 +217,7 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, m
         if not any(group.get("perturb", True) for group in groups):  # sam_on on a network without them
             raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "
                               f"BatchNorm, LayerNorm or GroupNorm affine parameters): use a model with them (e.g. "
-                              f"model=resnet18 or keskar_c1), or optimizer=sam")
+                              f"model=resnet18, keskar_c1, or cnn1d with model.norm=batch), or optimizer=sam")
         return SAM_VARIANTS[variant](groups, make_base, **options, lr=lr)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {node.name}: {error}") from None
