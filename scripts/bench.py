@@ -1,7 +1,9 @@
-"""Training speed of sam-runner against a bare PyTorch loop, SGD and SAM side by side in one process.
+"""Training speed of sam-runner against a bare PyTorch loop, SGD and SAM side by side in one process, and the cost
+of every SAM variant against SGD.
 
     python scripts/bench.py --model cnn1d --batch-size 128                        # CPU, MNIST-1D
     python scripts/bench.py --model resnet18 --batch-size 512 --device cuda       # GPU, CIFAR-10 shapes, bf16
+    python scripts/bench.py --optimizers sgd,sam,usam,gsam,fsam model.norm=batch  # the variants' cost table
 
 Two measurements, each for SGD and SAM, interleaved round by round so a busy machine slows all of them alike
 (the tables give medians over the rounds):
@@ -11,6 +13,9 @@ Two measurements, each for SGD and SAM, interleaved round by round so a busy mac
   BatchStream's gather and augmentation, the scheduler step, the on-device statistics) against a bare loop over
   the same device-resident batches with the plain step; evaluation and checkpoint seconds apart.
 The ratios the issue sets targets for (SAM/SGD step time, runner/bare epoch time) come from these medians.
+`--optimizers` adds any optimizer config (a SAM variant: looksam, esam, ...); the bare loop exists for SGD and SAM
+only. For each, the forward and backward passes a step makes are counted (hooks on the model, in units of one
+batch, over as many steps as a round times) and its step time is given relative to SGD's.
 FLOPs are counted once per model with torch.utils.flop_counter (matrix products and convolutions, 2 per
 multiply-add, forward and backward); achieved TFLOP/s and the share of the device's dense bf16 peak follow.
 
@@ -62,7 +67,7 @@ DATASETS = {"cnn1d": [], "mlp": [], "resnet18": CIFAR_SHAPED, "wrn16_8": CIFAR_S
 # Dense bf16 tensor-core peak, TFLOP/s (shared/REFERENCE.md section 7): H100 SXM, and H200 (the same GH100 chip).
 # Other devices (an H100 PCIe is slower): pass --peak-tflops.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-OPTIMIZERS = ("sgd", "sam")
+OPTIMIZERS = "sgd,sam"  # --optimizers' default; SGD is always timed, every ratio is to it
 
 
 # ----------------------------------------------------------------------------------------------- bare loop
@@ -96,6 +101,9 @@ def bare_sam_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
         for p, e in zip(params, eps):
             p.sub_(e)
     optimizer.step()
+
+
+BARE_STEPS = {"sgd": bare_sgd_step, "sam": bare_sam_step}  # optimizer config -> its bare loop's step
 
 
 # ----------------------------------------------------------------------------------------------- the runner
@@ -177,7 +185,7 @@ class Contender:
         self.bare_model = copy.deepcopy(self.run.model)  # the same initial weights
         bare = build_optimizer(self.spec.optimizer, self.settings.rho, self.run.plan.lr, self.bare_model)
         self.bare_optimizer = bare.base_optimizer if isinstance(bare, SAM) else bare
-        self.bare_step = bare_sam_step if isinstance(bare, SAM) else bare_sgd_step
+        self.bare_step = BARE_STEPS.get(name)  # None: no bare loop to compare with (a SAM variant)
         dtype = self.run.autocast_dtype
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         if args.channels_last:  # in place: the optimizers keep the same Parameter objects
@@ -195,10 +203,7 @@ class Contender:
                                               ("runner_step", "bare_step", "runner_epoch", "bare_epoch", "eval",
                                                "checkpoint")}
         self.epoch = 0
-
-    @property
-    def sam(self) -> bool:
-        return self.bare_step is bare_sam_step
+        self.passes: dict[str, float] = {}
 
     def runner_steps(self, steps: int) -> None:
         run = self.run
@@ -220,24 +225,52 @@ class Contender:
 
     def time_steps(self, steps: int) -> None:
         self.times["runner_step"].append(seconds(lambda: self.runner_steps(steps), self.device) / steps)
-        self.times["bare_step"].append(seconds(lambda: self.bare_steps(steps), self.device) / steps)
+        if self.bare_step is not None:
+            self.times["bare_step"].append(seconds(lambda: self.bare_steps(steps), self.device) / steps)
 
     def time_epoch(self) -> None:
         self.times["runner_epoch"].append(seconds(lambda: runner_epoch(self.run, self.epoch), self.device))
         self.times["eval"].append(seconds(lambda: runner_evaluation(self.run), self.device))
         self.times["checkpoint"].append(
             seconds(lambda: runner_checkpoint(self.run, self.epoch, self.run_dir / "last.pt"), self.device))
-        self.times["bare_epoch"].append(seconds(self.bare_epoch, self.device))
+        if self.bare_step is not None:
+            self.times["bare_epoch"].append(seconds(self.bare_epoch, self.device))
         self.epoch += 1
+
+    def count_passes(self, steps: int) -> None:
+        """Forward and backward passes per step of the runner's step, in units of one batch, over `steps` steps."""
+        self.passes = count_passes(self.run.network, self.runner_steps, steps, batch_size=self.batch[1].shape[0])
 
     def warm_up(self, steps: int) -> None:
         """Allocator, cuDNN autotuning, lazy compiles: everything the first calls pay once."""
         self.runner_steps(steps)
-        self.bare_steps(steps)
         runner_epoch(self.run, 0)
         runner_evaluation(self.run)
-        self.bare_epoch()
+        if self.bare_step is not None:
+            self.bare_steps(steps)
+            self.bare_epoch()
         synchronize(self.device)
+
+
+def count_passes(model: nn.Module, train: Callable[[int], Any], steps: int, batch_size: int) -> dict[str, float]:
+    """Forward and backward passes per step that `train(steps)` makes through `model`, in units of one batch: a
+    forward of n samples counts n / batch_size, and so does the backward through its output when one runs (a
+    no-grad forward counts as a forward only). A backward that computes only some parameters' gradients still
+    counts whole: this counts samples, not weight-gradient work."""
+    counted = {"forward": 0.0, "backward": 0.0}
+
+    def on_forward(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        share = inputs[0].shape[0] / batch_size
+        counted["forward"] += share
+        if output.requires_grad:
+            output.register_hook(lambda grad: counted.__setitem__("backward", counted["backward"] + share))
+
+    handle = model.register_forward_hook(on_forward)
+    try:
+        train(steps)
+    finally:
+        handle.remove()
+    return {kind: value / steps for kind, value in counted.items()}
 
 
 def median(values: list[float]) -> float:
@@ -261,26 +294,34 @@ def report(contenders: dict[str, Contender], args: argparse.Namespace, rounds: i
         "peak_tflops": peak, "optimizers": {},
     }
     for name, c in contenders.items():
-        step_flops = c.flops["forward_backward"] * (2 if c.sam else 1)  # SAM: two forward-backward passes
+        # FLOPs as counted passes: a forward each, and the backward's share (forward_backward − forward) each
+        backward_flops = c.flops["forward_backward"] - c.flops["forward"]
+        step_flops = c.flops["forward"] * c.passes["forward"] + backward_flops * c.passes["backward"]
         epoch_flops = step_flops * samples / args.batch_size
-        row = {key: median(values) for key, values in c.times.items()}
-        row.update(runner_step_images_per_s=args.batch_size / row["runner_step"],
-                   bare_step_images_per_s=args.batch_size / row["bare_step"],
+        row: dict[str, Any] = {key: median(values) if values else None for key, values in c.times.items()}
+        bare = c.bare_step is not None
+        row.update(forward_passes=c.passes["forward"], backward_passes=c.passes["backward"],
+                   runner_step_images_per_s=args.batch_size / row["runner_step"],
+                   bare_step_images_per_s=args.batch_size / row["bare_step"] if bare else None,
                    runner_epoch_images_per_s=samples / row["runner_epoch"],
-                   bare_epoch_images_per_s=samples / row["bare_epoch"],
-                   runner_over_bare_step=row["runner_step"] / row["bare_step"],
-                   runner_over_bare_epoch=row["runner_epoch"] / row["bare_epoch"],
+                   bare_epoch_images_per_s=samples / row["bare_epoch"] if bare else None,
+                   runner_over_bare_step=row["runner_step"] / row["bare_step"] if bare else None,
+                   runner_over_bare_epoch=row["runner_epoch"] / row["bare_epoch"] if bare else None,
                    runner_step_tflops=step_flops / row["runner_step"] / 1e12,
                    runner_epoch_tflops=epoch_flops / row["runner_epoch"] / 1e12,
                    compile_time_s=c.compile_time_s)
         row["runner_epoch_peak_fraction"] = row["runner_epoch_tflops"] / peak if peak else None
         row["runner_step_peak_fraction"] = row["runner_step_tflops"] / peak if peak else None
         result["optimizers"][name] = row
-    sgd, sam = result["optimizers"]["sgd"], result["optimizers"]["sam"]
-    result["sam_over_sgd_step"] = {"runner": sam["runner_step"] / sgd["runner_step"],
-                                   "bare": sam["bare_step"] / sgd["bare_step"]}
-    result["sam_over_sgd_epoch"] = {"runner": sam["runner_epoch"] / sgd["runner_epoch"],
-                                    "bare": sam["bare_epoch"] / sgd["bare_epoch"]}
+    sgd = result["optimizers"]["sgd"]
+    for row in result["optimizers"].values():  # each optimizer's time per step and per epoch over SGD's
+        row["over_sgd_step"] = row["runner_step"] / sgd["runner_step"]
+        row["over_sgd_epoch"] = row["runner_epoch"] / sgd["runner_epoch"]
+    sam = result["optimizers"].get("sam")
+    if sam is not None:
+        result["sam_over_sgd_step"] = {"runner": sam["over_sgd_step"], "bare": sam["bare_step"] / sgd["bare_step"]}
+        result["sam_over_sgd_epoch"] = {"runner": sam["over_sgd_epoch"],
+                                        "bare": sam["bare_epoch"] / sgd["bare_epoch"]}
     return result
 
 
@@ -298,10 +339,11 @@ def print_tables(result: dict[str, Any]) -> None:
           f"{flops['sgd_step'] / 1e9:.4g} G, SAM step {flops['sam_step'] / 1e9:.4g} G; bf16 peak: "
           f"{result['peak_tflops'] or 'unknown (--peak-tflops)'}")
     peak = result["peak_tflops"]
+    compared = {name: row for name, row in result["optimizers"].items() if row["bare_step"] is not None}
     print(f"\nsteps (one device-resident batch; median of {result['rounds']} rounds of {result['steps_per_round']})")
     print("| optimizer | bare loop img/s | sam-runner img/s | runner/bare time | TFLOP/s | of bf16 peak |")
     print("|---|---|---|---|---|---|")
-    for name, row in result["optimizers"].items():
+    for name, row in compared.items():
         share = f"{100 * row['runner_step_peak_fraction']:.1f}%" if peak else "-"
         print(f"| {name.upper()} | {row['bare_step_images_per_s']:,.0f} | {row['runner_step_images_per_s']:,.0f} | "
               f"{row['runner_over_bare_step']:.3f} | {row['runner_step_tflops']:.3g} | {share} |")
@@ -309,14 +351,21 @@ def print_tables(result: dict[str, Any]) -> None:
     print("| optimizer | bare epoch s | sam-runner epoch s | runner/bare time | sam-runner img/s | TFLOP/s | "
           "of bf16 peak | eval s | checkpoint s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, row in result["optimizers"].items():
+    for name, row in compared.items():
         share = f"{100 * row['runner_epoch_peak_fraction']:.1f}%" if peak else "-"
         print(f"| {name.upper()} | {row['bare_epoch']:.3f} | {row['runner_epoch']:.3f} | "
               f"{row['runner_over_bare_epoch']:.3f} | {row['runner_epoch_images_per_s']:,.0f} | "
               f"{row['runner_epoch_tflops']:.3g} | {share} | {row['eval']:.3f} | {row['checkpoint']:.3f} |")
-    step, epoch = result["sam_over_sgd_step"], result["sam_over_sgd_epoch"]
-    print(f"\nSAM/SGD time: step {step['runner']:.3f} (bare loop {step['bare']:.3f}), "
-          f"epoch {epoch['runner']:.3f} (bare loop {epoch['bare']:.3f})")
+    if "sam_over_sgd_step" in result:
+        step, epoch = result["sam_over_sgd_step"], result["sam_over_sgd_epoch"]
+        print(f"\nSAM/SGD time: step {step['runner']:.3f} (bare loop {step['bare']:.3f}), "
+              f"epoch {epoch['runner']:.3f} (bare loop {epoch['bare']:.3f})")
+    print("\ncost against SGD (sam-runner; passes counted per step in units of one batch)")
+    print("| optimizer | forward passes | backward passes | step time / SGD | epoch time / SGD | sam-runner img/s |")
+    print("|---|---|---|---|---|---|")
+    for name, row in result["optimizers"].items():
+        print(f"| {name} | {row['forward_passes']:.3g} | {row['backward_passes']:.3g} | {row['over_sgd_step']:.3f} | "
+              f"{row['over_sgd_epoch']:.3f} | {row['runner_step_images_per_s']:,.0f} |")
     compiled = {name: row["compile_time_s"] for name, row in result["optimizers"].items() if row["compile_time_s"]}
     if compiled:
         print("compile (not in any time above): " + ", ".join(f"{n.upper()} {s:.1f}s" for n, s in compiled.items()))
@@ -326,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cnn1d", choices=sorted(DATASETS), help="a configs/model/ name")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--optimizers", default=OPTIMIZERS, help="comma-separated optimizer configs to time (sgd is "
+                        "always added: every ratio is to it), e.g. sgd,sam,usam,gsam,sam_on,fsam,looksam,esam")
     parser.add_argument("--steps", type=int, default=50, help="steps per round of the step timing")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (steps and epochs); medians are reported")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -345,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     loop.SHOW_PROGRESS = measurement.SHOW_PROGRESS = False  # no progress bars: their host syncs would depend on whether stderr is a terminal
     with tempfile.TemporaryDirectory(prefix="sam-bench-") as scratch:
-        contenders = {name: Contender(name, args, Path(scratch)) for name in OPTIMIZERS}
+        names = dict.fromkeys(["sgd", *args.optimizers.split(",")])  # in order, each once
+        contenders = {name: Contender(name, args, Path(scratch)) for name in names}
         for contender in contenders.values():
             contender.warm_up(min(args.steps, 10))
         for _ in range(args.rounds):  # interleaved: load on a shared machine hits every contender alike
@@ -354,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(args.rounds):
             for contender in contenders.values():
                 contender.time_epoch()
+        for contender in contenders.values():  # after the timings: the hooks cost time
+            contender.count_passes(args.steps)
         device = next(iter(contenders.values())).device
         result = report(contenders, args, args.rounds, peak_tflops(device, args.peak_tflops))
     print_tables(result)

@@ -45,16 +45,33 @@ def test_a_tiny_benchmark_writes_its_tables_and_json(bench, tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench.json"
     bench.main(["--model", "mlp", "--batch-size", "64", "--steps", "2", "--rounds", "2", "--device", "cpu",
-                "--json", str(out), "dataset=synthetic", "dataset.source.num_train=200", "model.hidden=[16]"])
+                "--optimizers", "sam,usam", "--json", str(out), "dataset=synthetic", "dataset.source.num_train=200",
+                "model.hidden=[16]"])
     result = json.loads(out.read_text())
-    assert result["train_samples"] == 200 and set(result["optimizers"]) == {"sgd", "sam"}
+    assert result["train_samples"] == 200 and list(result["optimizers"]) == ["sgd", "sam", "usam"]
     # the MLP 40 -> 16 -> 10: forward 2(40*16 + 16*10) per image; a step adds both weight gradients and the
     # second layer's input gradient; SAM takes two forward-backward passes
     forward, step = 2 * (40 * 16 + 16 * 10), 2 * (40 * 16 + 16 * 10) * 2 + 2 * 16 * 10
     assert result["flops_per_image"] == {"forward": forward, "sgd_step": step, "sam_step": 2 * step}
-    for row in result["optimizers"].values():
-        assert all(row[key] > 0 for key in ("runner_step", "bare_step", "runner_epoch", "bare_epoch", "eval",
-                                            "checkpoint"))
+    for name, row in result["optimizers"].items():
+        assert all(row[key] > 0 for key in ("runner_step", "runner_epoch", "eval", "checkpoint", "over_sgd_step"))
+        assert (row["bare_step"] is None) == (name == "usam")  # a variant has no bare loop to compare with
         assert row["runner_epoch_peak_fraction"] is None  # no known peak on a CPU
+        assert (row["forward_passes"], row["backward_passes"]) == ((1, 1) if name == "sgd" else (2, 2))
+    assert result["optimizers"]["sgd"]["over_sgd_step"] == 1
     printed = capsys.readouterr().out
     assert "| SGD |" in printed and "| SAM |" in printed and "SAM/SGD time: step" in printed
+    assert "| usam | 2 | 2 |" in printed and "| USAM |" not in printed
+
+
+def test_passes_are_counted_in_batches_and_a_no_grad_forward_has_no_backward(bench) -> None:
+    model = nn.Linear(3, 2)
+    x = torch.randn(8, 3)
+
+    def train(steps: int) -> None:  # per step: a whole batch forward and back, then half of it without gradients
+        for _ in range(steps):
+            model(x).sum().backward()
+            with torch.no_grad():
+                model(x[:4])
+
+    assert bench.count_passes(model, train, steps=3, batch_size=8) == {"forward": 1.5, "backward": 1.0}
