@@ -18,6 +18,7 @@ import pytest
 from conftest import run_cli
 from omegaconf import OmegaConf
 from scipy import stats
+from test_trajectories import report_drawn
 
 from sam_runner import sharpness
 from sam_runner.report.plots import _lines
@@ -202,6 +203,48 @@ def test_groups_count_every_run_and_average_only_the_completed_ones(sweep: Path)
             assert result[key].mean == pytest.approx(values.mean(), rel=1e-12), key
             assert result[key].std == pytest.approx(values.std(ddof=1), rel=1e-12), key
     assert groups[3].statistics(["lambda_max"])["lambda_max"].n == 2  # the run that lacks it is not a zero
+
+
+COST_GROUPS = [("sgd", None, {}), ("sam", 0.05, {}), ("gsam", 0.04, {"gsam_alpha": 0.01})]
+
+
+def cost_sweep(root: Path, batch_sizes: tuple[int, ...] = (128, 128, 128)) -> list[dict[str, Any]]:
+    """3 optimizers x 3 seeds, each run with its training time and steps; returns the summaries written."""
+    rng = np.random.default_rng(1)
+    written = []
+    for index, ((optimizer, rho, extra), batch_size) in enumerate(zip(COST_GROUPS, batch_sizes)):
+        for seed in range(3):
+            summary = {"protocol": PROTOCOL, "optimizer": optimizer, "base_optimizer": "sgd", "rho": rho,
+                       "batch_size": batch_size, "seed": seed, "status": "completed", "test_acc": rng.uniform(0.6, 0.9),
+                       "gap_acc": rng.uniform(0, 0.2), "gap_loss": rng.uniform(0, 1), "train_time_s": rng.uniform(10, 30) * (1 + index),
+                       "steps_completed": 1000, **extra}
+            write_run(root, f"{3 * index + seed}_{optimizer}", **summary)
+            written.append(summary)
+    return written
+
+
+def test_accuracy_and_gap_are_drawn_against_the_time_per_step_relative_to_the_plain_optimizer(tmp_path: Path) -> None:
+    written = cost_sweep(tmp_path / "sweep")
+    report, figures = report_drawn([tmp_path / "sweep"], tmp_path / "out")
+    sgd_cost = np.mean([run["train_time_s"] / 1000 for run in written if run["optimizer"] == "sgd"])
+    for axis, metric in zip(figures["accuracy_and_gap_vs_cost.png"], ("test_acc", "gap_acc")):
+        points = [(x, y) for _, x, y, _ in axis["lines"]]  # each group's point, and its error bars' caps
+        for optimizer, _, _ in COST_GROUPS:
+            mine = [run for run in written if run["optimizer"] == optimizer]
+            cost = np.mean([run["train_time_s"] / 1000 / sgd_cost for run in mine])
+            assert ([pytest.approx(cost, rel=1e-12)], [pytest.approx(np.mean([run[metric] for run in mine]),
+                                                                     rel=1e-12)]) in points, optimizer
+    groups = read_csv(tmp_path / "out" / "groups.csv")
+    assert [float(row["train_s_per_step_mean"]) for row in groups] == pytest.approx(
+        [np.mean([run["train_time_s"] / 1000 for run in written if run["optimizer"] == optimizer])
+         for optimizer, _, _ in COST_GROUPS], rel=1e-12)
+    assert "train_s_per_step" in report.markdown
+
+
+def test_no_cost_plot_across_batch_sizes_whose_steps_are_not_comparable(tmp_path: Path) -> None:
+    cost_sweep(tmp_path / "sweep", batch_sizes=(128, 128, 512))
+    report = write_report([tmp_path / "sweep"], tmp_path / "out")
+    assert "accuracy_and_gap_vs_cost.png" not in {path.name for path in report.files}
 
 
 def test_a_single_run_has_a_mean_and_no_standard_deviation(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""sam-report's PNG plots (matplotlib, Agg: no display needed): accuracy and gap against batch size and against
-rho, with error bars over seeds, each sharpness column against the accuracy gap with its Kendall τ, and the
-groups' courses over training (learning curves, each measure against the step) with ± std bands."""
+"""sam-report's PNG plots (matplotlib, Agg: no display needed): accuracy and gap against batch size, against
+rho and against the training time per step, with error bars over seeds, each sharpness column against the accuracy
+gap with its Kendall τ, and the groups' courses over training (learning curves, each measure against the step) with
+± std bands."""
 
 from __future__ import annotations
 
@@ -160,6 +161,33 @@ def versus_rho(groups: list[Group], out_dir: Path, prefix: str, title: str) -> P
     _legend_beside(axis)
     figure.suptitle(f"{title}\nmean ± std over seeds", fontsize="medium")
     return _finish(figure, out_dir / f"{prefix}test_acc_vs_rho.png")
+
+
+def versus_cost(groups: list[Group], out_dir: Path, prefix: str, title: str) -> Path:
+    """Test accuracy and the accuracy gap against training time per optimizer step, one point per group (mean ±
+    std over seeds both ways): the cost each optimizer pays for what it gives. Time is relative to the plain
+    optimizer's (no ρ) when the groups hold exactly one, in seconds otherwise."""
+    timed = [group for group in groups if summarize([run.seconds_per_step for run in group.completed]).mean]
+    plain = [group for group in timed if finite(group.settings["rho"]) is None]
+    unit = summarize([run.seconds_per_step for run in plain[0].completed]).mean if len(plain) == 1 else 1.0
+    xlabel = (f"training time per step / {optimizer_label(plain[0].settings)}'s ({unit * 1e3:.3g} ms)"
+              if len(plain) == 1 else "training seconds per optimizer step")
+    labels = group_labels(timed)
+    colours = palette(labels)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for axis, metric in zip(axes, ("test_acc", "gap_acc")):
+        for index, (label, group) in enumerate(zip(labels, timed)):
+            cost = summarize([run.seconds_per_step / unit for run in group.completed])
+            value = summarize([run.get(metric) for run in group.completed])
+            if value.mean is not None:
+                axis.errorbar(cost.mean, value.mean, xerr=cost.std or 0.0, yerr=value.std or 0.0, capsize=3,
+                              marker=MARKERS[index % len(MARKERS)], linestyle="none", color=colours[label],
+                              label=label)
+        axis.set(xlabel=xlabel, ylabel=METRIC_TITLES[metric])
+        axis.grid(alpha=0.3)
+    _legend_beside(axes[-1])
+    figure.suptitle(f"{title}\nmean ± std over seeds", fontsize="medium")
+    return _finish(figure, out_dir / f"{prefix}accuracy_and_gap_vs_cost.png")
 
 
 def palette(labels: list[str]) -> dict[str, Any]:

@@ -70,6 +70,13 @@ class Run:
         """Only completed runs enter means and correlations; the others are listed and counted."""
         return self.status == Status.COMPLETED
 
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Training seconds per optimizer step (train_time_s / steps_completed: no evaluation, measurement or
+        checkpoint in it): what an optimizer costs, comparable between runs of one batch size on one machine."""
+        seconds, steps = finite(self.get("train_time_s")), finite(self.get("steps_completed"))
+        return seconds / steps if seconds is not None and steps else None
+
 
 def finite(value: Any) -> float | None:
     """A number usable in statistics: None for missing, non-numeric, boolean, NaN and infinite values."""

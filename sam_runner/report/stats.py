@@ -80,6 +80,7 @@ class Group:
         reached = [run for run in completed if run.get("target_reached") is True]
         result |= {key: summarize([run.get(key) for run in reached]) for key in TARGET_METRICS}
         result["wall_time_s"] = summarize([run.get("wall_time_s") for run in completed])
+        result["train_s_per_step"] = summarize([run.seconds_per_step for run in completed])
         return result
 
 

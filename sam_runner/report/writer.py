@@ -111,7 +111,17 @@ def _plots(runs: list[Run], groups: list[Group], found: list[Correlation], out_d
         written.append(report_plots.versus_rho(groups, out_dir, prefix, title))
     written += [report_plots.sharpness_versus_gap(runs, item, out_dir, prefix, title)
                 for item in found if item.gap == "gap_acc" and item.overall.n > 0]
+    if _compares_cost(groups):
+        written.append(report_plots.versus_cost(groups, out_dir, prefix, title))
     return written
+
+
+def _compares_cost(groups: list[Group]) -> bool:
+    """Whether the groups compare optimizers at one batch size, each with its training seconds per step: then
+    accuracy and gap against that cost is the plot to choose an optimizer by."""
+    timed = [group for group in groups if group.statistics([])["train_s_per_step"].mean is not None]
+    return (len({optimizer_label(group.settings, with_rho=True) for group in timed}) > 1
+            and len({group.settings["batch_size"] for group in timed}) == 1)
 
 
 # differ between the two runs of a pair (accumulate: a large batch may need micro-batches where a small one does not)
@@ -325,7 +335,7 @@ def _runs_csv(runs: list[Run], path: Path) -> Path:
 
 def _groups_csv(groups: list[Group], path: Path) -> Path:
     columns = measured_columns([run for group in groups for run in group.completed])
-    statistics = [*GROUP_METRICS, *columns, *TARGET_METRICS, "wall_time_s"]
+    statistics = [*GROUP_METRICS, *columns, *TARGET_METRICS, "wall_time_s", "train_s_per_step"]
     header = [*GROUP_KEYS, "optimizer_label", "runs", "seeds", "n_completed", "n_at_chance", "target_reached",
               "target_set", *(f"{key}_{part}" for key in statistics for part in ("mean", "std", "n"))]
     rows = []
