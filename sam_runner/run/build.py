@@ -22,7 +22,7 @@ from torch import nn
 
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
-from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
+from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
 from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
@@ -31,7 +31,7 @@ from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.ranks import Team
 from sam_runner.sharpness import MeasureChoice
-from sam_runner.steps import frozen_batchnorm_stats, step_pieces
+from sam_runner.steps import frozen_batchnorm_stats, has_active_dropout, step_pieces
 
 log = logging.getLogger("sam_runner")
 def _partial(node: DictConfig, where: str) -> Callable[..., Any]:
@@ -191,7 +191,7 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
 # optimizer.sam.variant (run/spec.py checks the name)
-SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM}
+SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM, "esam": ESAM}
 
 
 def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, model_name: str = "custom"
@@ -213,6 +213,13 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, m
             options["alpha"] = node.sam.alpha
         if variant == "fsam":
             options.update(sigma=node.sam.sigma, lmbda=node.sam.lmbda)
+        if variant == "esam":
+            options.update(beta=node.sam.beta, gamma=node.sam.gamma)
+            if node.sam.gamma < 1 and has_active_dropout(model):
+                raise ConfigError(f"esam with gamma < 1 needs a model without active dropout (model {model_name} "
+                                  f"has some): the perturbed pass on the selected rows cannot replay the clean "
+                                  f"pass's dropout masks row for row; use optimizer.sam.gamma=1 or a model "
+                                  f"without dropout")
         groups = normalization_groups(model) if variant == "sam_on" else _perturbation_groups(model, node.sam)
         if not any(group.get("perturb", True) for group in groups):  # sam_on on a network without them
             raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "
