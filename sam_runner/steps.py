@@ -261,10 +261,16 @@ def row_losses(criterion: Criterion, logits: Tensor, targets: Tensor) -> Tensor:
     return torch.func.vmap(lambda z, y: criterion(z.unsqueeze(0), y.unsqueeze(0)))(logits, targets)
 
 
+def selected_rows(n: int, gamma: float) -> int:
+    """How many of n rows ESAM's perturbed pass takes: ⌈γ·n⌉ with γ as written (0.3 of 10 rows is 3, not the 4 that
+    0.3·10 = 3.0000000000000004 would round up to); at least one for γ > 0."""
+    return -(-Fraction(repr(gamma)) * n // 1)
+
+
 def _selected_pass(passes: _Passes, inputs: Tensor, targets: Tensor, pieces: list[Rows], clean_rows: Tensor,
                    gamma: float, gate: Tensor | None) -> tuple[Tensor, Tensor]:
     """ESAM's sharpness-sensitive data selection, at w + ε: a no-grad forward of the whole batch (piece by piece, as
-    the clean pass cut it) gives each row's L_i(w + ε); the k = ⌈γ·n⌉ rows (at least one) with the largest rise L_i(w + ε) − L_i(w)
+    the clean pass cut it) gives each row's L_i(w + ε); the k = ⌈γ·n⌉ rows (`selected_rows`) with the largest rise L_i(w + ε) − L_i(w)
     (ties: the earlier row) take the perturbed forward + backward, in the batch's order and in as many micro-batches
     as the clean pass, their gradient that of their mean loss. Returns the whole batch's mean loss at w + ε and its
     correct count (the no-grad forward's: the same statistics SAM reports)."""
@@ -278,7 +284,7 @@ def _selected_pass(passes: _Passes, inputs: Tensor, targets: Tensor, pieces: lis
     after_rows = torch.cat(after)
     work = torch.promote_types(after_rows.dtype, torch.float32)
     rise = after_rows.to(work) - clean_rows.to(work)
-    k = -(-Fraction(repr(gamma)) * rise.numel() // 1)  # ⌈γ·n⌉ with γ as written: 0.3 of 10 rows is 3, not 4
+    k = selected_rows(rise.numel(), gamma)
     chosen = torch.sort(rise, descending=True, stable=True).indices[:k].sort().values
     passes.run(inputs[chosen], targets[chosen], micro_batches(k, len(pieces)), gate=gate)
     return after_rows.mean(), correct

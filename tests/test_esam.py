@@ -157,6 +157,25 @@ def test_accumulation_equals_the_one_piece_step():
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
+def test_fp16_loss_scaling_gives_the_unscaled_step_and_a_non_finite_batch_skips_it():
+    """One GradScaler per step: the clean gradient unscaled by hand before ε, the selection on unscaled losses, the
+    selected rows' gradient unscaled by the base step. A batch whose clean gradient is not finite skips the step."""
+    scaled_net, plain_net, (x, y) = _mlp(), _mlp(), _batch()
+    scaled_opt, plain_opt = _esam(scaled_net), _esam(plain_net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(2):
+        result = train_step(scaled_net, x, y, scaled_opt, F.cross_entropy, scaler=scaler)
+        train_step(plain_net, x, y, plain_opt, F.cross_entropy)
+    for a, b in zip(scaled_net.parameters(), plain_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert result.skipped.item() == 0.0
+    broken, before = x.clone(), _weights(scaled_net)
+    broken[0, 0] = math.inf
+    assert train_step(scaled_net, broken, y, scaled_opt, F.cross_entropy, scaler=scaler).skipped.item() == 1.0
+    assert all(torch.equal(p, before[n]) for n, p in scaled_net.named_parameters())
+    assert scaler.get_scale() == 2.0**9
+
+
 def test_batchnorm_statistics_come_from_the_clean_pass_only():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
