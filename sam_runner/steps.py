@@ -9,9 +9,8 @@ one inside GradScaler.step, which must know whether to skip (fp16 only).
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
-
 from fractions import Fraction
+from typing import Any
 
 import torch
 from torch import Tensor, nn
