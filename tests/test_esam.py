@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, run_cli
 from test_resume import assert_resumes_in_lock_step
+from test_sam_variants import _batch, _mlp, _weights
 from torch import nn
 from torch.func import functional_call
 
@@ -23,17 +24,6 @@ from sam_runner.optim import ESAM, SAM
 from sam_runner.scale import distributed
 from sam_runner.scale.distributed import World
 from sam_runner.steps import train_step
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-
-
-def _batch(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
-
 
 SEED = 6  # its first draw of 4 tensors at β = 0.5 picks none (drawn again), the next ones some
 
@@ -75,10 +65,6 @@ def _draw(draws: torch.Generator, n: int, beta: float) -> list[bool]:
         picked = (torch.rand(n, generator=draws) < beta).tolist()
         if any(picked):
             return picked
-
-
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def _rows_seen(model: nn.Module) -> list[torch.Tensor]:
