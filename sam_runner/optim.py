@@ -438,15 +438,6 @@ class FSAM(SAM):
         return state["ema"]
 
     @torch.no_grad()
-    def radius(self, group: dict[str, Any]) -> float:
-        """The length ε gets in `first_step` for a parameter of `group`: ρ_t (ESAM: ρ_t/β)."""
-        return rho_t(group)
-
-    def ascent_pass(self) -> AbstractContextManager:
-        """Entered around the clean forward + backward whose gradient ε is taken from (steps.py): nothing for SAM;
-        ESAM leaves the tensors out of this step's draw without a gradient there."""
-        return nullcontext()
-
     def ascent_gradients(self, params: list[Tensor]) -> list[Tensor]:
         """m ← λ·m + (1 − λ)·g (kept where g is not finite), then d = g − σ·m, in at least fp32."""
         g = _at_least_fp32([p.grad for p in params])

@@ -198,10 +198,10 @@ def _sam_step(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     accumulated: dict[Tensor, Tensor] = {}
     totals = dict(loss=0.0, correct=0, perturbed_loss=0.0, perturbed_correct=0, perturbation_norm=0.0)
+    selecting = isinstance(optimizer, ESAM) and optimizer.gamma < 1  # ESAM's data selection (one unit: no m)
     for pieces in units:
         weight = (pieces[-1][1] - pieces[0][0]) / n
         optimizer.zero_grad(set_to_none=True)
-        selecting = isinstance(optimizer, ESAM) and optimizer.gamma < 1
         clean = replace(passes, criterion=_RowLosses(passes.criterion)) if selecting else passes
         with optimizer.ascent_pass():  # ESAM: the tensors its draw leaves out get no gradient here
             loss, correct, rng_states = clean.run(inputs, targets, pieces, last=clean_pass)
@@ -269,10 +269,10 @@ def selected_rows(n: int, gamma: float) -> int:
 def _selected_pass(passes: _Passes, inputs: Tensor, targets: Tensor, pieces: list[Rows], clean_rows: Tensor,
                    gamma: float, gate: Tensor | None) -> tuple[Tensor, Tensor]:
     """ESAM's sharpness-sensitive data selection, at w + ε: a no-grad forward of the whole batch (piece by piece, as
-    the clean pass cut it) gives each row's L_i(w + ε); the k = ⌈γ·n⌉ rows (`selected_rows`) with the largest rise L_i(w + ε) − L_i(w)
-    (ties: the earlier row) take the perturbed forward + backward, in the batch's order and in as many micro-batches
-    as the clean pass, their gradient that of their mean loss. Returns the whole batch's mean loss at w + ε and its
-    correct count (the no-grad forward's: the same statistics SAM reports)."""
+    the clean pass cut it) gives each row's L_i(w + ε); the k = ⌈γ·n⌉ rows (`selected_rows`) with the largest rise
+    L_i(w + ε) − L_i(w) (ties: the earlier row) take the perturbed forward + backward, in the batch's order and in
+    as many micro-batches as the clean pass, their gradient that of their mean loss. Returns the whole batch's mean
+    loss at w + ε and its correct count (the no-grad forward's: the same statistics SAM reports)."""
     after, correct = [], None
     with torch.no_grad():
         for start, stop in pieces:

@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from sam_runner.errors import ConfigError
 from sam_runner.optim import ESAM, SAM
+from sam_runner.report.runs import optimizer_label
 from sam_runner.scale import distributed
 from sam_runner.scale.distributed import World
 from sam_runner.steps import train_step
@@ -213,6 +214,14 @@ def test_esam_on_a_network_with_dropout_is_refused_before_writing(workdir):
 
 
 def test_a_stopped_esam_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The draws come from the run's seeded CPU generator, which the checkpoint restores: killed at step 6 of 8 and
-    re-run, the run equals the one never stopped."""
-    assert_resumes_in_lock_step(tmp_path, monkeypatch, *TINY, "optimizer=esam", "checkpoint.every_steps=2")
+    """The draws come from the run's seeded CPU generator, which the checkpoint restores: killed at step 6 of 8 (ESAM
+    switched on at step 2, sam_start) and re-run, the run equals the one never stopped."""
+    assert_resumes_in_lock_step(tmp_path, monkeypatch, *TINY, "optimizer=esam", "sam_start=0.25",
+                                "checkpoint.every_steps=2")
+
+
+def test_a_rho_sweep_over_esam_gives_one_label_per_radius():
+    summaries = [{"optimizer": "esam", "base_optimizer": "sgd", "rho": rho, "esam_beta": 0.6, "esam_gamma": 0.5,
+                  "rho_schedule": "constant"} for rho in (0.05, 0.1)]
+    assert [optimizer_label(s, with_rho=True) for s in summaries] == ["esam ρ=0.05 β=0.6 γ=0.5",
+                                                                       "esam ρ=0.1 β=0.6 γ=0.5"]

@@ -134,7 +134,8 @@ def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
     """What ran: `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05` (SGD is SAM's default base, so it is not spelt
     out); a plain optimizer (no rho) is its base optimizer, which is what steps (`optimizer=sgd
     optimizer/base=adamw` is `adamw`). A SAM variant adds its own hyper-parameters: GSAM's α (`gsam(adamw) α=0.4`),
-    F-SAM's σ and λ (`fsam σ=1 λ=0.6`), ESAM's β and γ (`esam β=0.5 γ=0.5`) and, when ρ follows the lr schedule, `ρ∝lr` (with ρ_min when it is not 0)."""
+    F-SAM's σ and λ (`fsam σ=1 λ=0.6`) and, when ρ follows the lr schedule, `ρ∝lr` (with ρ_min when it is not 0);
+    ESAM's β and γ (`esam β=0.5 γ=0.5`)."""
     name = str(summary.get("optimizer") or "?")
     base = summary.get("base_optimizer")
     rho = finite(summary.get("rho"))
