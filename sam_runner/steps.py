@@ -243,18 +243,18 @@ def _sam_step(
 
 @dataclass
 class _RowLosses:
-    """The criterion, also keeping each row's loss (detached, `row_losses`) of every call: ESAM's L_i(w), read from
+    """The criterion, also keeping each row's loss (detached, `_row_losses`) of every call: ESAM's L_i(w), read from
     the clean pass's own logits (no extra forward)."""
 
     criterion: Criterion
     rows: list[Tensor] = field(default_factory=list)
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        self.rows.append(row_losses(self.criterion, logits.detach(), targets))
+        self.rows.append(_row_losses(self.criterion, logits.detach(), targets))
         return self.criterion(logits, targets)
 
 
-def row_losses(criterion: Criterion, logits: Tensor, targets: Tensor) -> Tensor:
+def _row_losses(criterion: Criterion, logits: Tensor, targets: Tensor) -> Tensor:
     """Each row's loss: the criterion on that row alone (vmapped), so any criterion that averages over its rows works
     (nn.CrossEntropyLoss with label smoothing, F.cross_entropy) without asking it for reduction="none"."""
     return torch.func.vmap(lambda z, y: criterion(z.unsqueeze(0), y.unsqueeze(0)))(logits, targets)
@@ -277,7 +277,7 @@ def _selected_pass(passes: _Passes, inputs: Tensor, targets: Tensor, pieces: lis
     with torch.no_grad():
         for start, stop in pieces:
             rows, right = _forward(passes.model, inputs[start:stop], targets[start:stop],
-                                   lambda z, y: row_losses(passes.criterion, z, y), passes.autocast_dtype)
+                                   lambda z, y: _row_losses(passes.criterion, z, y), passes.autocast_dtype)
             after.append(rows)
             correct = right if correct is None else correct + right
     after_rows = torch.cat(after)
