@@ -1,7 +1,8 @@
 """Sharpness-Aware Minimization (Foret et al. 2021), its adaptive form ASAM (Kwon et al. 2021), and its variants:
 unnormalized SAM (`USAM`, ε = ρ·g), GSAM (`GSAM`, Zhuang et al. 2022: the surrogate-gap descent direction), SAM-ON
-(`SAMON`, Mueller et al. 2023: only normalization layers perturbed) and F-SAM (`FSAM`, Li et al. 2024: ε along the
-gradient minus σ times an EMA of past gradients).
+(`SAMON`, Mueller et al. 2023: only normalization layers perturbed), F-SAM (`FSAM`, Li et al. 2024: ε along the
+gradient minus σ times an EMA of past gradients) and ESAM (`ESAM`, Du et al. 2022: a random share of the tensors
+perturbed; its data selection is the trainer's, steps.py).
 
 `SAM` wraps a base optimizer. One SAM step: the gradient g at w is there; `perturbed()` moves w to w + ε(g) for
 its body, in which the caller computes the gradient at w + ε, and puts w back exactly when the body ends; then the
@@ -13,7 +14,7 @@ docs/sam.md; the bugs of the popular PyTorch port this fixes are listed there to
 import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -162,7 +163,7 @@ class SAM(torch.optim.Optimizer):
                 t = torch._foreach_abs(w32)
                 torch._foreach_add_(t, [groups[i]["eta"] for i in idx])
                 tg = torch._foreach_mul(t, g)
-            work.append((p, g, t, tg, [rho_t(groups[i]) for i in idx]))
+            work.append((p, g, t, tg, [self.radius(groups[i]) for i in idx]))
 
         self.last_grad_norm = global_norm([x for _, g, _, _, _ in work for x in g])
         adaptive = any(t is not None for _, _, t, _, _ in work)
@@ -185,6 +186,15 @@ class SAM(torch.optim.Optimizer):
         self.last_perturbation_norm = global_norm(all_eps)
         if zero_grad:
             self.zero_grad()
+
+    def radius(self, group: dict[str, Any]) -> float:
+        """The length ε gets in `first_step` for a parameter of `group`: ρ_t (ESAM: ρ_t/β)."""
+        return rho_t(group)
+
+    def ascent_pass(self) -> AbstractContextManager:
+        """Entered around the clean forward + backward whose gradient ε is taken from (steps.py): nothing for SAM;
+        ESAM leaves the tensors out of this step's draw without a gradient there."""
+        return nullcontext()
 
     def ascent_gradients(self, params: list[Tensor]) -> list[Tensor]:
         """The gradients ε is taken from, one per parameter of `params` (all with a gradient): `.grad` itself for
@@ -468,3 +478,60 @@ class FSAM(SAM):
             self.state[p].pop("ema", None)
             if index in emas:
                 self.state[p]["ema"] = emas[index].to(p.device).clone()
+
+
+class ESAM(SAM):
+    """ESAM (Du, Yan, Feng, Zhou, Zhen, Goh & Tan, ICLR 2022), its stochastic weight perturbation (SWP): each step a
+    Bernoulli(β) draw per parameter tensor picks the tensors perturbed; the others take no part in the clean backward
+    (`ascent_pass`: requires_grad off, so their weight gradients are not computed) and get ε = 0; the picked ones get
+    ε = (ρ_t/β)·g_S/(‖g_S‖ + δ), g_S the clean gradient restricted to them (the norm over them only). Every tensor
+    then takes the base step with its gradient at w + ε. A draw that picks no tensor is drawn again.
+
+    The sharpness-sensitive data selection (SDS: the perturbed pass on the share γ of the batch whose loss rises most
+    from w to w + ε) needs the model and the batch, so the trainer's step does it (steps.train_step); this class only
+    holds γ. beta, gamma: shares in (0, 1]; β = γ = 1 is SAM's step exactly (no draw, no selection).
+    generator: where the draws come from; None: torch's default CPU generator (the run's seeded one, in checkpoints).
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.05, beta: float = 0.6,
+                 gamma: float = 0.5, generator: torch.Generator | None = None, **kwargs: Any) -> None:
+        for name, share in (("beta", beta), ("gamma", gamma)):
+            if not (isinstance(share, (int, float)) and 0 < share <= 1):
+                raise ValueError(f"ESAM: {name} must be in (0, 1], got {name}={share!r}")
+        if kwargs.get("adaptive"):
+            raise ValueError("ESAM: adaptive=True is not implemented; use adaptive=False")
+        self.beta, self.gamma, self.generator = beta, gamma, generator
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+    def radius(self, group: dict[str, Any]) -> float:
+        """ρ_t/β: the picked tensors' ε is scaled up by 1/β (the authors' code)."""
+        return rho_t(group) / self.beta
+
+    @contextmanager
+    def ascent_pass(self) -> Iterator[None]:
+        """SWP: the tensors this step's draw leaves out do not require grad for the body (restored after it)."""
+        left_out = self._left_out()
+        for p in left_out:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in left_out:
+                p.requires_grad_(True)
+
+    def _left_out(self) -> list[Tensor]:
+        """One Bernoulli(β) draw per trainable tensor (in param-group order) from `generator`, on the CPU (no device
+        sync); the tensors not picked. β = 1 draws nothing (SAM's random stream untouched)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if self.beta == 1:
+            return []
+        while True:
+            picked = (torch.rand(len(params), generator=self.generator) < self.beta).tolist()
+            if any(picked):
+                return [p for p, keep in zip(params, picked) if not keep]
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Refused: SWP's clean pass and SDS's selection belong to the trainer's step."""
+        raise RuntimeError("ESAM steps through sam_runner.steps.train_step (SWP's clean pass and SDS's selection "
+                           "are part of the step), not through step(closure)")

@@ -8,7 +8,8 @@ one inside GradScaler.step, which must know whether to skip (fp16 only).
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from sam_runner.optim import SAM, global_norm
+from sam_runner.optim import ESAM, SAM, global_norm
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
@@ -96,8 +97,11 @@ def train_step(
     if not isinstance(optimizer, SAM) and (micro_batch_size is not None or clean_pass is not nullcontext):
         raise ValueError("train_step: micro_batch_size (m-sharpness) and clean_pass apply to SAM only; got a "
                          f"{type(optimizer).__name__}")
-    passes = _Passes(model, criterion, autocast_dtype, scaler, loss_weight, no_sync, _has_active_dropout(model))
+    passes = _Passes(model, criterion, autocast_dtype, scaler, loss_weight, no_sync, has_active_dropout(model))
     units = step_pieces(inputs.shape[0], accumulate, micro_batch_size)
+    if isinstance(optimizer, ESAM) and optimizer.gamma < 1 and (passes.replay_dropout or len(units) > 1):
+        raise ValueError("train_step: ESAM's data selection (gamma < 1) needs a model without active dropout (the "
+                         "selected rows' masks cannot be replayed) and no m-sharpness (micro_batch_size)")
     if isinstance(optimizer, SAM):
         return _sam_step(passes, inputs, targets, optimizer, units, max_grad_norm, clean_pass)
     optimizer.zero_grad(set_to_none=True)
@@ -194,10 +198,13 @@ def _sam_step(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     accumulated: dict[Tensor, Tensor] = {}
     totals = dict(loss=0.0, correct=0, perturbed_loss=0.0, perturbed_correct=0, perturbation_norm=0.0)
+    selecting = isinstance(optimizer, ESAM) and optimizer.gamma < 1  # ESAM's data selection (one unit: no m)
     for pieces in units:
         weight = (pieces[-1][1] - pieces[0][0]) / n
         optimizer.zero_grad(set_to_none=True)
-        loss, correct, rng_states = passes.run(inputs, targets, pieces, last=clean_pass)
+        clean = replace(passes, criterion=_RowLosses(passes.criterion)) if selecting else passes
+        with optimizer.ascent_pass():  # ESAM: the tensors its draw leaves out get no gradient here
+            loss, correct, rng_states = clean.run(inputs, targets, pieces, last=clean_pass)
         if inv_scale is not None:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv_scale)
         if clean_pass is not nullcontext and passes.loss_weight != 1.0:
@@ -213,8 +220,13 @@ def _sam_step(
                 # NaN (else exactly 1) makes the second-pass gradient non-finite, so GradScaler's own check
                 # skips the base step and lowers the scale; no host sync needed here.
                 gate = torch.where(torch.isfinite(optimizer.last_grad_norm), 1.0, float("nan"))
-            perturbed_loss, perturbed_correct, _ = passes.run(inputs, targets, pieces, gate=gate,
-                                                              rng_states=rng_states)
+            if selecting:
+                perturbed_loss, perturbed_correct = _selected_pass(passes, inputs, targets, pieces,
+                                                                   torch.cat(clean.criterion.rows), optimizer.gamma,
+                                                                   gate)
+            else:
+                perturbed_loss, perturbed_correct, _ = passes.run(inputs, targets, pieces, gate=gate,
+                                                                  rng_states=rng_states)
         optimizer.descent_gradient(scale)  # the unit's direction from its two gradients (GSAM; SAM: as it is)
         if len(units) > 1:
             _accumulate(accumulated, params, weight)
@@ -227,6 +239,54 @@ def _sam_step(
         p.grad = grad
     grad_norm, skipped = _base_step(optimizer.base_optimizer, scaler, max_grad_norm)
     return StepResult(grad_norm=grad_norm, skipped=skipped, **totals)
+
+
+@dataclass
+class _RowLosses:
+    """The criterion, also keeping each row's loss (detached, `_row_losses`) of every call: ESAM's L_i(w), read from
+    the clean pass's own logits (no extra forward)."""
+
+    criterion: Criterion
+    rows: list[Tensor] = field(default_factory=list)
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        self.rows.append(_row_losses(self.criterion, logits.detach(), targets))
+        return self.criterion(logits, targets)
+
+
+def _row_losses(criterion: Criterion, logits: Tensor, targets: Tensor) -> Tensor:
+    """Each row's loss: the criterion on that row alone (vmapped), so any criterion that averages over its rows works
+    (nn.CrossEntropyLoss with label smoothing, F.cross_entropy) without asking it for reduction="none"."""
+    return torch.func.vmap(lambda z, y: criterion(z.unsqueeze(0), y.unsqueeze(0)))(logits, targets)
+
+
+def selected_rows(n: int, gamma: float) -> int:
+    """How many of n rows ESAM's perturbed pass takes: ⌈γ·n⌉ with γ as written (0.3 of 10 rows is 3, not the 4 that
+    0.3·10 = 3.0000000000000004 would round up to); at least one for γ > 0."""
+    return -(-Fraction(repr(gamma)) * n // 1)
+
+
+def _selected_pass(passes: _Passes, inputs: Tensor, targets: Tensor, pieces: list[Rows], clean_rows: Tensor,
+                   gamma: float, gate: Tensor | None) -> tuple[Tensor, Tensor]:
+    """ESAM's sharpness-sensitive data selection, at w + ε: a no-grad forward of the whole batch (piece by piece, as
+    the clean pass cut it) gives each row's L_i(w + ε); the k = ⌈γ·n⌉ rows (`selected_rows`) with the largest rise
+    L_i(w + ε) − L_i(w) (ties: the earlier row) take the perturbed forward + backward, in the batch's order and in
+    as many micro-batches as the clean pass, their gradient that of their mean loss. Returns the whole batch's mean
+    loss at w + ε and its correct count (the no-grad forward's: the same statistics SAM reports)."""
+    after, correct = [], None
+    with torch.no_grad():
+        for start, stop in pieces:
+            rows, right = _forward(passes.model, inputs[start:stop], targets[start:stop],
+                                   lambda z, y: _row_losses(passes.criterion, z, y), passes.autocast_dtype)
+            after.append(rows)
+            correct = right if correct is None else correct + right
+    after_rows = torch.cat(after)
+    work = torch.promote_types(after_rows.dtype, torch.float32)
+    rise = after_rows.to(work) - clean_rows.to(work)
+    k = selected_rows(rise.numel(), gamma)
+    chosen = torch.sort(rise, descending=True, stable=True).indices[:k].sort().values
+    passes.run(inputs[chosen], targets[chosen], micro_batches(k, len(pieces)), gate=gate)
+    return after_rows.mean(), correct
 
 
 def _base_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, max_grad_norm: float | None
@@ -269,7 +329,7 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
             torch._foreach_copy_(buffers, saved)
 
 
-def _has_active_dropout(model: nn.Module) -> bool:
+def has_active_dropout(model: nn.Module) -> bool:
     """Whether a forward of `model` draws dropout masks: a dropout module in training mode with p > 0.
 
     Only modules are seen; a plug-in model calling F.dropout directly is not detected.

@@ -22,7 +22,7 @@ from torch import nn
 from sam_runner import sharpness
 from sam_runner.cli.preflight import CONFIG_DIR
 from sam_runner.errors import ConfigError
-from sam_runner.optim import SAM
+from sam_runner.optim import ESAM, SAM
 from sam_runner.run.build import batch_sizes, build_data, compile_model
 from sam_runner.run.evaluation import evaluate
 from sam_runner.run.logbook import Stopwatch
@@ -120,15 +120,22 @@ def test_batch_sizes_of_one_pass() -> None:
     assert batch_sizes(100, 32) == [32, 4] and batch_sizes(96, 32) == [32] and batch_sizes(10, 32) == [10]
 
 
-@pytest.mark.parametrize("accumulate", [1, 3])  # 3: micro-batches of 22 + 21 + 21, also cut at the chunks of 24
-@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
-def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(device: str, accumulate: int) -> None:
+# A SAM step with m-sharpness chunks of 24; ESAM's with its selection forward and its pass on ⌈γ·n⌉ rows.
+STEPS = {"sam": (["optimizer=sam", "optimizer.sam.micro_batch_size=24"], _sam, 24),
+         "esam": (["optimizer=esam", "optimizer.sam.beta=1.0"],
+                  lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.1, beta=1.0, gamma=0.5, lr=0.1), None)}
+
+
+@pytest.mark.parametrize(("step", "accumulate"), [("sam", 1), ("sam", 3), ("esam", 3)])  # 3: micro-batches of
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])  # 22 + 21 + 21, also cut at the chunks of 24
+def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(device: str, step: str,
+                                                                               accumulate: int) -> None:
     """CPU: graphs counted, run as captured. CUDA: through Inductor, in bf16 autocast as sam-run trains there."""
-    # 250 training samples in batches of 64 (a partial last batch), m-sharpness chunks of 24, a validation split,
-    # and eval batches of 100 over 225 training, 25 validation and 128 test samples: many batch sizes.
-    cfg, settings, data = _tiny_run("optimizer=sam", "optimizer.sam.micro_batch_size=24",
-                                    "dataset.source.num_train=250", "dataset.val_fraction=0.1", "eval.batch_size=100",
-                                    device=device)
+    # 250 training samples in batches of 64 (a partial last batch), a validation split, and eval batches of 100
+    # over 225 training, 25 validation and 128 test samples: many batch sizes.
+    overrides, make_optimizer, micro_batch_size = STEPS[step]
+    cfg, settings, data = _tiny_run(*overrides, "dataset.source.num_train=250", "dataset.val_fraction=0.1",
+                                    "eval.batch_size=100", device=device)
     model = _bn_net()
     model[0], model[-1] = nn.Conv1d(1, 6, 3, padding=1), nn.Linear(6 * 40, data.num_classes)  # the data's shapes
     model.to(device)
@@ -144,9 +151,9 @@ def test_warm_up_compiles_every_graph_before_the_first_step_and_changes_nothing(
     assert all(p.grad is None for p in model.parameters()) and model.training
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random streams are the run's own
     compiled = counter.graphs
-    optimizer = _sam(model)
+    optimizer = make_optimizer(model)
     for inputs, targets in data.train.epoch(0):  # a whole epoch and every evaluation of the run: nothing new
-        train_step(model, inputs, targets, optimizer, F.cross_entropy, micro_batch_size=24,
+        train_step(model, inputs, targets, optimizer, F.cross_entropy, micro_batch_size=micro_batch_size,
                    autocast_dtype=autocast_dtype, accumulate=accumulate)
     for stream in (data.train_eval, data.val, data.test):
         evaluate(model, stream, autocast_dtype)

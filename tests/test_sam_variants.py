@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sam_runner.errors import ConfigError
-from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
+from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
 from sam_runner.report.runs import optimizer_label
 from sam_runner.run.spec import validate
 from sam_runner.scale import distributed
@@ -421,6 +421,11 @@ def test_gsam_with_the_local_ddp_mode_is_refused_in_one_line():
     (["optimizer=fsam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by fsam"),
     (["optimizer=fsam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the fsam variant"),
     (["optimizer=sam_on", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the sam_on variant"),
+    (["optimizer=esam", "optimizer.sam.beta=0"], r"optimizer.sam.beta must be in \(0, 1\]"),
+    (["optimizer=esam", "optimizer.sam.gamma=1.5"], r"optimizer.sam.gamma must be in \(0, 1\]"),
+    (["optimizer=esam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by esam"),
+    (["optimizer=esam", "compile=true"], "compile=true with esam's beta < 1 \\(got 0.6\\) is refused"),
+    (["optimizer=esam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the esam variant"),
 ])
 def test_bad_variant_settings_are_refused_in_one_line(workdir, monkeypatch, overrides, message):
     cfg, _ = composed(workdir, monkeypatch, overrides)
@@ -443,6 +448,9 @@ def test_bad_variant_settings_are_refused_in_one_line(workdir, monkeypatch, over
     ("fsam", ["optimizer/base=adamw", "accumulate=2"],
      {"sam_variant": "fsam", "rho": 0.2, "fsam_sigma": 1.0, "fsam_lambda": 0.6, "accumulate": 2},
      "fsam(adamw) ρ=0.2 σ=1 λ=0.6"),
+    ("esam", ["optimizer.sam.beta=0.5", "accumulate=2"],
+     {"sam_variant": "esam", "rho": 0.05, "esam_beta": 0.5, "esam_gamma": 0.5, "fsam_sigma": None, "accumulate": 2},
+     "esam ρ=0.05 β=0.5 γ=0.5"),
 ])
 def test_a_variant_runs_end_to_end_and_its_summary_records_it(workdir, monkeypatch, variant, extra, recorded, label):
     options = [o for o in TINY if not (o.startswith("model=") and any(e.startswith("model=") for e in extra))]
@@ -475,6 +483,8 @@ VARIANTS: dict[str, Callable[[nn.Module], SAM]] = {
     "gsam": lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1, momentum=0.9),
     "sam_on": lambda m: SAMON(normalization_groups(m), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9),
     "fsam": lambda m: FSAM(m.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9),
+    # β = 1: compile=true refuses β < 1 (each draw a new graph); the selection (γ < 1) compiles
+    "esam": lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.1, beta=1.0, gamma=0.5, lr=0.1, momentum=0.9),
 }
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
-from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
+from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
 from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
@@ -31,7 +31,7 @@ from sam_runner.run.stopping import StopRequests
 from sam_runner.scale import distributed
 from sam_runner.scale.ranks import Team
 from sam_runner.sharpness import MeasureChoice
-from sam_runner.steps import frozen_batchnorm_stats, step_pieces
+from sam_runner.steps import frozen_batchnorm_stats, has_active_dropout, micro_batches, selected_rows, step_pieces
 
 log = logging.getLogger("sam_runner")
 def _partial(node: DictConfig, where: str) -> Callable[..., Any]:
@@ -130,7 +130,8 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     autocast and batch size; SAM's clean and perturbed passes share one (steps.py restores BatchNorm buffers
     by value, which no guard sees), so a run compiles once per (mode, batch-size class) and never again.
     `base_steps`: a SAM run with sam_start > 0 also takes base-optimizer steps, which forward whole batches (no
-    m-sharpness chunks): their sizes are warmed up too.
+    m-sharpness chunks): their sizes are warmed up too. ESAM with γ < 1 adds a no-grad forward of each piece and a
+    perturbed pass on ⌈γ·n⌉ rows (steps.py): those graphs too.
     """
     from torch._dynamo.exc import BackendCompilerFailed  # loaded by the compile anyway
 
@@ -139,7 +140,7 @@ def compile_model(model: nn.Module, data: Data, autocast_dtype: torch.dtype | No
     with clock("compile"), torch.random.fork_rng(devices=_cuda_devices(model)):  # dropout draws stay the run's
         try:
             _warm_up(model, data, autocast_dtype, sam.micro_batch_size if sam is not None else None, accumulate,
-                     base_steps)
+                     base_steps, sam.get("gamma", 1.0) if sam is not None and sam.get("variant") == "esam" else 1.0)
         except BackendCompilerFailed as error:  # e.g. Inductor on a CPU without a C++ compiler
             inner = error.inner_exception
             reason = ": ".join([type(inner).__name__, *str(inner).strip().splitlines()[:1]])
@@ -157,9 +158,10 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 
 def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, micro_batch_size: int | None,
-             accumulate: int = 1, base_steps: bool = False) -> None:
+             accumulate: int = 1, base_steps: bool = False, gamma: float = 1.0) -> None:
     """Call the compiled model once for every graph training and evaluation use; leave weights, gradients and
-    BatchNorm statistics as they were. Sharpness measures run eagerly (sharpness.py), so they need none."""
+    BatchNorm statistics as they were. Sharpness measures run eagerly (sharpness.py), so they need none.
+    `gamma` < 1: ESAM's selection forward (no grad, the step's own pieces) and its pass on the selected rows."""
     def autocast(device_type: str) -> torch.autocast:  # as the step and evaluation run: autocast state is guarded
         return torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
@@ -168,14 +170,20 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
     # what a step forwards: m-sharpness chunks of m samples, accumulation's micro-batches (steps.step_pieces)
     # (base-optimizer steps before sam_start's switch: no chunks)
     chunkings = {micro_batch_size, None} if base_steps else {micro_batch_size}
-    train_sizes = sorted({stop - start for size in train_sizes for m in chunkings
-                          for unit in step_pieces(size, accumulate, m) for start, stop in unit}, reverse=True)
+    piece_sizes = {stop - start for size in train_sizes for m in chunkings
+                   for unit in step_pieces(size, accumulate, m) for start, stop in unit}
+    selected = {stop - start for size in train_sizes
+                for start, stop in micro_batches(selected_rows(size, gamma), accumulate)} if gamma < 1 else set()
     model.train()
     with frozen_batchnorm_stats(model):
-        for size in train_sizes:
+        for size in sorted(piece_sizes | selected, reverse=True):
             with autocast(inputs.device.type):
                 logits = model(inputs[:size])
             F.cross_entropy(logits.float(), targets[:size]).backward()
+        if gamma < 1:
+            with torch.no_grad(), autocast(inputs.device.type):
+                for size in sorted(piece_sizes, reverse=True):
+                    model(inputs[:size])
     model.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():
@@ -191,7 +199,7 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
 # optimizer.sam.variant (run/spec.py checks the name)
-SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM}
+SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM, "esam": ESAM}
 
 
 def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, model_name: str = "custom"
@@ -213,6 +221,13 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, m
             options["alpha"] = node.sam.alpha
         if variant == "fsam":
             options.update(sigma=node.sam.sigma, lmbda=node.sam.lmbda)
+        if variant == "esam":
+            options.update(beta=node.sam.beta, gamma=node.sam.gamma)
+            if node.sam.gamma < 1 and has_active_dropout(model):
+                raise ConfigError(f"esam with gamma < 1 needs a model without active dropout (model {model_name} "
+                                  f"has some): the perturbed pass on the selected rows cannot replay the clean "
+                                  f"pass's dropout masks row for row; use optimizer.sam.gamma=1 or a model "
+                                  f"without dropout")
         groups = normalization_groups(model) if variant == "sam_on" else _perturbation_groups(model, node.sam)
         if not any(group.get("perturb", True) for group in groups):  # sam_on on a network without them
             raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "

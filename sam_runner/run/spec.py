@@ -23,8 +23,8 @@ from sam_runner.errors import ConfigError, one_line
 if TYPE_CHECKING:  # torch is imported when a spec is made, not for the pre-flight's `validate`
     import torch
 
-# optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM, SAM-ON, Friendly SAM (docs/sam.md)
-SAM_VARIANTS = ("sam", "usam", "gsam", "sam_on", "fsam")
+# optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM, SAM-ON, Friendly SAM, Efficient SAM (docs/sam.md)
+SAM_VARIANTS = ("sam", "usam", "gsam", "sam_on", "fsam", "esam")
 RHO_SCHEDULES = ("constant", "lr")  # optimizer.sam.rho_schedule (sam_runner.optim.RHO_SCHEDULES, torch-free here)
 
 # The values a string key may take (config.yaml explains each).
@@ -316,6 +316,24 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
         _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by fsam (got {m}): its "
                             f"EMA estimates the full gradient from one batch gradient per step; set "
                             f"optimizer.sam.micro_batch_size=null")
+    if variant == "esam":
+        _validate_esam(sam, top)
+
+
+def _validate_esam(sam: DictConfig, top: Settings) -> None:
+    """ESAM's shares β and γ, and what its step cannot do (docs/sam.md "ESAM")."""
+    for key, what in (("beta", "the share of parameter tensors SWP perturbs"),
+                      ("gamma", "the share of the batch SDS takes the perturbed pass on")):
+        share = sam.get(key)
+        _require(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1,
+                 f"optimizer.sam.{key} must be in (0, 1] (got {share}): ESAM's {what}")
+    _require(sam.get("micro_batch_size") is None,
+             f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by esam (got {sam.micro_batch_size}): "
+             f"its data selection ranks the whole batch; set optimizer.sam.micro_batch_size=null")
+    _require(not (top.compile and sam.beta < 1),
+             f"compile=true with esam's beta < 1 (got {sam.beta}) is refused: each step's random set of tensors "
+             f"without a gradient is a new graph for torch.compile (a recompile per draw); set compile=false or "
+             f"optimizer.sam.beta=1")
 
 
 # -- the run's spec ------------------------------------------------------------------------------------------------

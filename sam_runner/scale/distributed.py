@@ -115,6 +115,10 @@ def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: st
         raise ConfigError("F-SAM with the local SAM mode is not supported: each process's gradient EMA would be its "
                           "own and the checkpoint keeps rank 0's only, so a resumed run would differ; use "
                           "ddp.sam_mode=global")
+    if sam_variant == "esam":
+        raise ConfigError("ESAM does not run under DDP: its data selection ranks every sample's loss rise over the "
+                          "global batch (an all-gather across processes not implemented), and SWP's tensors without "
+                          "a gradient leave DDP's gradient buckets incomplete; run it in one process")
     if micro_batch_size is not None and sam_mode == "global":
         raise ConfigError("micro_batch_size (m-sharpness) with the global SAM mode would perturb with chunks "
                           "pooled across processes: use the local mode (m = batch_size / processes, or "
