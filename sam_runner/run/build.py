@@ -22,7 +22,7 @@ from torch import nn
 
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
-from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
+from sam_runner.optim import FSAM, GSAM, SAM, SAMON, USAM, LookSAM, normalization_groups
 from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
@@ -191,7 +191,12 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
 # optimizer.sam.variant (run/spec.py checks the name)
-SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM}
+SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM, "looksam": LookSAM}
+
+
+def _sam_every(sam: DictConfig) -> int:
+    """Every how many of its steps a SAM optimizer takes the two-pass step: LookSAM's k (one pass between), else 1."""
+    return sam.k if sam.get("variant") == "looksam" else 1
 
 
 def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, model_name: str = "custom"
@@ -213,6 +218,8 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, m
             options["alpha"] = node.sam.alpha
         if variant == "fsam":
             options.update(sigma=node.sam.sigma, lmbda=node.sam.lmbda)
+        if variant == "looksam":
+            options.update(k=node.sam.k, alpha=node.sam.alpha)
         groups = normalization_groups(model) if variant == "sam_on" else _perturbation_groups(model, node.sam)
         if not any(group.get("perturb", True) for group in groups):  # sam_on on a network without them
             raise ConfigError(f"sam_on perturbs only normalization layers; model {model_name} has none (no "
@@ -329,7 +336,7 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
                     micro_batch_size=micro_batch_size,
                     measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
                         plan.total_steps / plan.steps_per_epoch, data.train.num_samples,
-                        sam=0.0 if sam is None else 1 - plan.sam_start_step / plan.total_steps,
+                        sam=0.0 if sam is None else (1 - plan.sam_start_step / plan.total_steps) / _sam_every(sam),
                         every=settings.sharpness.every, every_steps=settings.sharpness.every_steps,
                         total_steps=plan.total_steps)),
                     clock=clock, stop=stop, team=team, run_dir=run_dir)
