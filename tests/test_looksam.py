@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, composed
 from test_resume import assert_resumes_in_lock_step
 from test_sam_variants import _dot, _gradient, _mlp, _weights
 from torch import nn
@@ -23,6 +23,8 @@ from torch import nn
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM, LookSAM
 from sam_runner.report.runs import optimizer_label
+from sam_runner.run import build
+from sam_runner.run.measurement import training_passes
 from sam_runner.scale import distributed
 from sam_runner.scale.distributed import World
 from sam_runner.steps import train_step
@@ -206,3 +208,11 @@ def test_a_rho_sweep_gives_one_label_per_radius():
     assert [optimizer_label(s, with_rho=True) for s in summaries] == ["looksam ρ=0.05 k=5 α=0.7",
                                                                        "looksam ρ=0.1 k=5 α=0.7"]
     assert optimizer_label({**summaries[0], "base_optimizer": "adamw"}) == "looksam(adamw) k=5 α=0.7"
+
+
+def test_a_run_counts_one_plus_one_over_k_passes_per_step(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    """What the `auto` choice of sharpness measures weighs: (1 + 1/k) forward and backward passes a sample."""
+    cfg, _ = composed(workdir, monkeypatch, ["optimizer=looksam"])
+    share = 1 / build._sam_every(cfg.optimizer.sam)
+    assert training_passes(1, 100, sam=share, every=0) == pytest.approx(100 * 2 * (1 + 1 / 5))
+    assert build._sam_every(composed(workdir, monkeypatch, ["optimizer=gsam"])[0].optimizer.sam) == 1
