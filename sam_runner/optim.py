@@ -1,8 +1,9 @@
 """Sharpness-Aware Minimization (Foret et al. 2021), its adaptive form ASAM (Kwon et al. 2021), and its variants:
 unnormalized SAM (`USAM`, ε = ρ·g), GSAM (`GSAM`, Zhuang et al. 2022: the surrogate-gap descent direction), SAM-ON
 (`SAMON`, Mueller et al. 2023: only normalization layers perturbed), F-SAM (`FSAM`, Li et al. 2024: ε along the
-gradient minus σ times an EMA of past gradients) and ESAM (`ESAM`, Du et al. 2022: a random share of the tensors
-perturbed; its data selection is the trainer's, steps.py).
+gradient minus σ times an EMA of past gradients), LookSAM (`LookSAM`, Liu et al. 2022: SAM's step every k steps, a
+kept component of it reused on the one-pass steps between) and ESAM (`ESAM`, Du et al. 2022: a random share of the
+tensors perturbed; its data selection is the trainer's, steps.py).
 
 `SAM` wraps a base optimizer. One SAM step: the gradient g at w is there; `perturbed()` moves w to w + ε(g) for
 its body, in which the caller computes the gradient at w + ε, and puts w back exactly when the body ends; then the
@@ -93,6 +94,8 @@ class SAM(torch.optim.Optimizer):
     """
 
     normalized = True  # ε = ρ·g/‖g‖; USAM: ε = ρ·g
+    # a variant's per-parameter state that state_dict() carries: (key in self.state[p], key in the state dict)
+    carried: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -232,6 +235,17 @@ class SAM(torch.optim.Optimizer):
         """Turn the gradient at w + ε in `.grad` into the one the base optimizer steps with; SAM's is that gradient
         itself (GSAM overrides). `grad_scale`: the loss scale the `.grad` values carry (fp16), None when none."""
 
+    def perturbs_next_step(self) -> bool:
+        """Whether the next step is a two-pass SAM step (always, but for LookSAM between its SAM steps, whose
+        one-pass steps `reuse_gradient` forms)."""
+        return True
+
+    @torch.no_grad()
+    def reuse_gradient(self) -> None:
+        """On a one-pass step (`perturbs_next_step()` False): turn the clean gradient in `.grad` into the one the
+        base optimizer steps with. Every SAM step perturbs, so SAM itself never takes one."""
+        raise NotImplementedError(f"{type(self).__name__}: every step perturbs; there is no one-pass step")
+
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w, then let the base optimizer step with the gradient taken at w + ε."""
@@ -260,12 +274,36 @@ class SAM(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict: its state (momenta, Adam moments, steps) and the shared groups,
-        which hold SAM's keys too. The saved copies of w are scratch and are not included."""
-        return self.base_optimizer.state_dict()
+        which hold SAM's keys too, plus a variant's own per-parameter state (`carried`) in the parameters' entries.
+        The saved copies of w are scratch and are not included."""
+        packed = self.base_optimizer.state_dict()
+        if not self.carried:
+            return packed
+        state = {index: dict(entry) for index, entry in packed["state"].items()}  # not the base's own dicts
+        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            for own, key in self.carried:
+                if own in self.state[p]:
+                    state.setdefault(index, {})[key] = self.state[p][own]
+        return {**packed, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the base optimizer, then share its (new) group dicts again."""
-        self.base_optimizer.load_state_dict(state_dict)
+        """Load into the base optimizer (without a variant's `carried` entries, which become its own state again:
+        absent ones are absent), then share its (new) group dicts again."""
+        names = {key: own for own, key in self.carried}
+        carried: dict[int, dict[str, Tensor]] = defaultdict(dict)
+        rest = {}
+        for index, entry in state_dict["state"].items():
+            entry = dict(entry)
+            for key in names.keys() & entry.keys():
+                carried[int(index)][names[key]] = entry.pop(key)
+            if entry:
+                rest[index] = entry
+        self.base_optimizer.load_state_dict({**state_dict, "state": rest} if names else state_dict)
+        for index, p in enumerate(p for group in self.base_optimizer.param_groups for p in group["params"]):
+            for own in names.values():
+                self.state[p].pop(own, None)
+            for own, value in carried[index].items():
+                self.state[p][own] = value.to(p.device).clone()
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:  # a plain base-optimizer state dict lacks SAM's keys
             for key in _SAM_KEYS:
@@ -273,6 +311,14 @@ class SAM(torch.optim.Optimizer):
             _set_lr_peak(group)
             _check_group(group)
         self._perturbed = []
+
+
+def _fp32_buffer(state: dict[str, Any], key: str, p: Tensor) -> Tensor:
+    """A variant's own per-parameter tensor state[key], created as zeros shaped like p in at least fp32."""
+    if key not in state:
+        dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+        state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    return state[key]
 
 
 def rho_t(group: dict[str, Any]) -> float:
@@ -312,7 +358,30 @@ class USAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
 
 
-class GSAM(SAM):
+class _KeepsCleanGradient(SAM):
+    """A SAM variant whose step needs the clean gradient g next to the perturbed one (GSAM, LookSAM): `first_step`
+    keeps a copy of g (one copy of the gradients) until `descent_gradient` takes it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._clean: list[tuple[Tensor, Tensor]] = []
+        super().__init__(*args, **kwargs)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Keep the clean gradient g, then SAM's ascent."""
+        self._clean = [(p, p.grad.clone()) for group in self.param_groups for p in group["params"]
+                       if p.grad is not None]
+        super().first_step(zero_grad)
+
+    def _take_clean(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(the parameters that have a gradient now and a kept clean one, their clean gradients); the copy is
+        dropped."""
+        pairs = [(p, g) for p, g in self._clean if p.grad is not None]
+        self._clean = []
+        return [p for p, _ in pairs], [g for _, g in pairs]
+
+
+class GSAM(_KeepsCleanGradient):
     """GSAM (Zhuang et al., ICLR 2022, Algorithm 1): ε = ρ_t·g/‖g‖ as SAM's, g_p the gradient at w + ε; g is split
     into its component along g_p and the orthogonal rest g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²)·g_p, and the base optimizer
     steps with g_p − α·g_⊥. ρ_t follows the lr between rho_min and rho (= ρ_max) by default (rho_schedule "lr").
@@ -330,15 +399,7 @@ class GSAM(SAM):
             raise ValueError("GSAM: adaptive=True is not implemented (the paper's adaptive ρ scales by |w|, not "
                              "ASAM's T²); use adaptive=False")
         self.alpha = alpha
-        self._clean: list[tuple[Tensor, Tensor]] = []
         super().__init__(params, base_optimizer, rho=rho, rho_min=rho_min, rho_schedule=rho_schedule, **kwargs)
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Keep the clean gradient g for the decomposition, then SAM's ascent."""
-        self._clean = [(p, p.grad.clone()) for group in self.param_groups for p in group["params"]
-                       if p.grad is not None]
-        super().first_step(zero_grad)
 
     @torch.no_grad()
     def descent_gradient(self, grad_scale: Tensor | None = None) -> None:
@@ -348,12 +409,10 @@ class GSAM(SAM):
         g is the clean gradient `first_step` saw (unscaled); g_⊥ does not depend on g_p's scale, so only the α·g_⊥
         term is multiplied by grad_scale. A parameter without a gradient at w + ε keeps None.
         """
-        pairs = [(p, g) for p, g in self._clean if p.grad is not None]
-        self._clean = []
-        if not pairs:
+        params, clean = self._take_clean()
+        if not params:
             return
-        grads = [p.grad for p, _ in pairs]
-        clean = [g for _, g in pairs]
+        grads = [p.grad for p in params]
         coefficient = _dot(clean, grads) / (global_norm(grads) ** 2 + _DELTA)
         factor = self.alpha if grad_scale is None else self.alpha * grad_scale
         for idx in _buckets(grads):
@@ -430,19 +489,14 @@ class FSAM(SAM):
         self.sigma, self.lmbda = sigma, lmbda
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
 
-    def _ema(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "ema" not in state:
-            dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-            state["ema"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return state["ema"]
+    carried = (("ema", "fsam_ema"),)
 
     @torch.no_grad()
     def ascent_gradients(self, params: list[Tensor]) -> list[Tensor]:
         """m ← λ·m + (1 − λ)·g (kept where g is not finite), then d = g − σ·m, in at least fp32."""
         g = _at_least_fp32([p.grad for p in params])
         finite = torch.isfinite(global_norm(g))
-        m = [self._ema(p) for p in params]
+        m = [_fp32_buffer(self.state[p], "ema", p) for p in params]
         d: list[Tensor] = [g[0]] * len(params)
         for idx in _buckets(g):
             gb, mb = [g[i] for i in idx], [m[i] for i in idx]
@@ -455,29 +509,99 @@ class FSAM(SAM):
                 d[i] = di
         return d
 
+
+class LookSAM(_KeepsCleanGradient):
+    """LookSAM (Liu, Mai, Chen, Hsieh & You, CVPR 2022): SAM's step on every k-th step, which also keeps g_v, the
+    part of the perturbed gradient g_s orthogonal to the clean g, g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g; the k − 1 steps
+    between take one forward and backward at w and the base step with g + α·(‖g‖/‖g_v‖)·g_v.
+
+    k: a SAM step every k steps, counting from the first (1: SAM's step every step). alpha: α, dimensionless.
+    Optimizer state, carried by `state_dict()`: `steps_taken` (its own steps, SAM's and the one-pass ones; not the
+    base optimizer's steps before sam_start's switch) as "looksam_steps", and g_v (one tensor per parameter, at
+    least fp32) as "looksam_gv" entries of the parameters' state.
+    """
+
+    carried = (("gv", "looksam_gv"),)
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.1, k: int = 5,
+                 alpha: float = 0.7, **kwargs: Any) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"LookSAM: k must be an integer >= 1, got k={k!r}")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"LookSAM: alpha must be a finite number >= 0, got alpha={alpha!r}")
+        if kwargs.get("adaptive"):
+            raise ValueError("LookSAM: adaptive=True is not implemented; use adaptive=False")
+        self.k, self.alpha = k, alpha
+        self.steps_taken = 0
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+    def perturbs_next_step(self) -> bool:
+        """SAM's step on steps 0, k, 2k, … of its own."""
+        return self.steps_taken % self.k == 0
+
+    @torch.no_grad()
+    def descent_gradient(self, grad_scale: Tensor | None = None) -> None:
+        """The SAM step steps with g_s as it is, and keeps g_v = g_s − (⟨g, g_s⟩/(‖g‖² + δ))·g, unscaled (`.grad`
+        holds grad_scale·g_s under fp16, g is unscaled), in at least fp32. A non-finite g or g_s (a step the
+        scaler skips) leaves g_v as it was (zero before any)."""
+        self.steps_taken += 1
+        params, clean = self._take_clean()
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        coefficient = _dot(clean, grads) / (global_norm(clean) ** 2 + _DELTA)  # ⟨g, g_s⟩/‖g‖², times the scale
+        g_v = [torch.empty(0)] * len(params)
+        for idx in _buckets(grads):
+            device = grads[idx[0]].device
+            bucket = torch._foreach_mul(_at_least_fp32([clean[i] for i in idx]), (-coefficient).to(device))
+            torch._foreach_add_(bucket, _at_least_fp32([grads[i] for i in idx]))  # scale·(g_s − c·g)
+            if grad_scale is not None:
+                torch._foreach_div_(bucket, grad_scale.to(device))
+            for i, value in zip(idx, bucket):
+                g_v[i] = value
+        finite = torch.isfinite(global_norm(g_v))
+        for p, value in zip(params, g_v):
+            kept = _fp32_buffer(self.state[p], "gv", p)
+            kept.copy_(torch.where(finite.to(kept.device), value, kept))
+
+    @torch.no_grad()
+    def reuse_gradient(self) -> None:
+        """`.grad` (g, times the loss scale under fp16) becomes g + α·(‖g‖/(‖g_v‖ + δ))·g_v. ‖g‖ carries g's scale,
+        so the added term carries it too and the scaler's one unscale gives the unscaled step; ‖g‖ is the norm over
+        every parameter with a gradient, ‖g_v‖ over every kept g_v. g_v = 0 leaves g as it is."""
+        self.steps_taken += 1
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        reused = [p for p in with_grad if "gv" in self.state[p]]
+        if not reused:
+            return
+        g_v = [self.state[p]["gv"] for p in reused]
+        factor = self.alpha * global_norm([p.grad for p in with_grad]) / (global_norm(g_v) + _DELTA)
+        for idx in _buckets(g_v):
+            term = torch._foreach_mul([g_v[i] for i in idx], factor.to(g_v[idx[0]].device))
+            torch._foreach_add_([reused[i].grad for i in idx], term)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """SAM's step (`closure` recomputes loss and gradients at w + ε) on every k-th step; on the others the base
+        step with the reused direction, without calling `closure` (one pass: the point of LookSAM). Returns the
+        closure's loss, or None on a one-pass step."""
+        if self.perturbs_next_step():
+            return super().step(closure)
+        self.reuse_gradient()
+        self.base_optimizer.step()
+        return None
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict with each parameter's EMA added to its state entry as "fsam_ema"."""
-        packed = self.base_optimizer.state_dict()
-        state = {index: dict(entry) for index, entry in packed["state"].items()}  # not the base's own dicts
-        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
-            if "ema" in self.state[p]:
-                state.setdefault(index, {})["fsam_ema"] = self.state[p]["ema"]
-        return {**packed, "state": state}
+        """SAM's state dict with g_v in the parameters' entries and the step counter as "looksam_steps"."""
+        return {**super().state_dict(), "looksam_steps": self.steps_taken}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The base optimizer's state without the "fsam_ema" entries, which become the EMA again (none: m = 0)."""
-        emas, rest = {}, {}
-        for index, entry in state_dict["state"].items():
-            entry = dict(entry)
-            if "fsam_ema" in entry:
-                emas[int(index)] = entry.pop("fsam_ema")
-            if entry:
-                rest[index] = entry
-        super().load_state_dict({**state_dict, "state": rest})
-        for index, p in enumerate(p for group in self.param_groups for p in group["params"]):
-            self.state[p].pop("ema", None)
-            if index in emas:
-                self.state[p]["ema"] = emas[index].to(p.device).clone()
+        """The counter (0 when absent), then SAM's state dict with g_v."""
+        state_dict = dict(state_dict)
+        self.steps_taken = int(state_dict.pop("looksam_steps", 0))
+        super().load_state_dict(state_dict)
+        self._clean = []
 
 
 class ESAM(SAM):

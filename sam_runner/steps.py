@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from sam_runner.optim import ESAM, SAM, global_norm
+from sam_runner.optim import ESAM, SAM, LookSAM, global_norm
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
@@ -76,7 +76,8 @@ def train_step(
     clean_pass: Callable[[], AbstractContextManager] = nullcontext,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
 ) -> StepResult:
-    """One optimizer step on (inputs, targets); the two-pass SAM step when `optimizer` is a SAM.
+    """One optimizer step on (inputs, targets); the two-pass SAM step when `optimizer` is a SAM (LookSAM: on every
+    k-th step; the steps between take one pass, `optimizer.perturbs_next_step()` tells).
 
     autocast_dtype: run forwards under torch.autocast with this dtype (bf16 needs no scaler; fp16 wants one).
     scaler: one GradScaler for the whole step, updated exactly once.
@@ -97,18 +98,17 @@ def train_step(
     if not isinstance(optimizer, SAM) and (micro_batch_size is not None or clean_pass is not nullcontext):
         raise ValueError("train_step: micro_batch_size (m-sharpness) and clean_pass apply to SAM only; got a "
                          f"{type(optimizer).__name__}")
+    if isinstance(optimizer, LookSAM) and (micro_batch_size is not None or clean_pass is not nullcontext):
+        raise ValueError("train_step: LookSAM takes no micro_batch_size (m-sharpness) or clean_pass (DDP local "
+                         "mode): its kept component g_v is one per step, from the whole batch's gradients")
     passes = _Passes(model, criterion, autocast_dtype, scaler, loss_weight, no_sync, has_active_dropout(model))
     units = step_pieces(inputs.shape[0], accumulate, micro_batch_size)
     if isinstance(optimizer, ESAM) and optimizer.gamma < 1 and (passes.replay_dropout or len(units) > 1):
         raise ValueError("train_step: ESAM's data selection (gamma < 1) needs a model without active dropout (the "
                          "selected rows' masks cannot be replayed) and no m-sharpness (micro_batch_size)")
-    if isinstance(optimizer, SAM):
+    if isinstance(optimizer, SAM) and optimizer.perturbs_next_step():
         return _sam_step(passes, inputs, targets, optimizer, units, max_grad_norm, clean_pass)
-    optimizer.zero_grad(set_to_none=True)
-    (pieces,) = units
-    loss, correct, _ = passes.run(inputs, targets, pieces)
-    grad_norm, skipped = _base_step(optimizer, scaler, max_grad_norm)
-    return StepResult(loss, correct, grad_norm, skipped=skipped)
+    return _one_pass_step(passes, inputs, targets, optimizer, units, max_grad_norm)
 
 
 Rows = tuple[int, int]  # [start, stop) of a batch's rows
@@ -176,6 +176,21 @@ class _Passes:
             loss_sum = loss if loss_sum is None else loss_sum + loss
             correct_sum = correct if correct_sum is None else correct_sum + correct
         return loss_sum, correct_sum, states
+
+
+def _one_pass_step(passes: _Passes, inputs: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer,
+                   units: list[list[Rows]], max_grad_norm: float | None) -> StepResult:
+    """One accumulation pass at w, then the base step: a plain optimizer's step, or a SAM variant's step that
+    perturbs nothing (LookSAM between its SAM steps), whose `reuse_gradient` turns the clean gradient into the
+    step's before the base optimizer steps with it."""
+    optimizer.zero_grad(set_to_none=True)
+    (pieces,) = units
+    loss, correct, _ = passes.run(inputs, targets, pieces)
+    if isinstance(optimizer, SAM):
+        optimizer.reuse_gradient()
+        optimizer = optimizer.base_optimizer
+    grad_norm, skipped = _base_step(optimizer, passes.scaler, max_grad_norm)
+    return StepResult(loss, correct, grad_norm, skipped=skipped)
 
 
 def _sam_step(

@@ -111,7 +111,7 @@ def test_a_users_config_dir_adds_options_to_the_groups(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optimizer=foo", "unknown optimizer 'foo'; choose one of: adamw, asam, asam_davda54, esam, fsam, gsam, sam, sam_on, sgd, usam"),
+    ("optimizer=foo", "unknown optimizer 'foo'; choose one of: adamw, asam, asam_davda54, esam, fsam, gsam, looksam, sam, sam_on, sgd, usam"),
     ("optimizer/base=lion", "unknown optimizer/base 'lion'"),
     ("rho=-0.1", "rho must be >= 0"),
     ("rho=abc", "rho: Value 'abc'"),

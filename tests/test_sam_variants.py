@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sam_runner.errors import ConfigError
-from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
+from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, LookSAM, normalization_groups
 from sam_runner.report.runs import optimizer_label
 from sam_runner.run.spec import validate
 from sam_runner.scale import distributed
@@ -347,6 +347,8 @@ def _ddp_mlp() -> nn.Module:
 
 
 def _make_variant(name: str, model: nn.Module) -> SAM:
+    if name == "looksam":  # k = 2 over DDP_BATCHES: a SAM step, a one-pass step, a SAM step
+        return LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=2, alpha=0.7, lr=0.2, momentum=0.9)
     if name == "gsam":
         return GSAM(model.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, rho_schedule="constant", lr=0.2,
                     momentum=0.9)
@@ -356,7 +358,7 @@ def _make_variant(name: str, model: nn.Module) -> SAM:
 def _ddp_work(world: World) -> dict:
     x, y = _ddp_data()
     results = {}
-    for name in ("gsam", "usam"):
+    for name in ("gsam", "usam", "looksam"):
         model = distributed.wrap_model(_ddp_mlp(), world)
         optimizer = _make_variant(name, model)
         for start, stop in DDP_BATCHES:
@@ -375,7 +377,7 @@ def _ddp_work(world: World) -> dict:
 def test_ddp_global_mode_equals_one_process_and_usam_local_mode_the_per_shard_formula(tmp_path):
     ranks = results_of_each_rank(_ddp_work, tmp_path)
     x, y = _ddp_data()
-    for name in ("gsam", "usam"):
+    for name in ("gsam", "usam", "looksam"):
         model = _ddp_mlp()
         optimizer = _make_variant(name, model)
         for start, stop in DDP_BATCHES:
@@ -421,6 +423,11 @@ def test_gsam_with_the_local_ddp_mode_is_refused_in_one_line():
     (["optimizer=fsam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by fsam"),
     (["optimizer=fsam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the fsam variant"),
     (["optimizer=sam_on", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the sam_on variant"),
+    (["optimizer=looksam", "optimizer.sam.k=0"], "optimizer.sam.k must be an integer >= 1"),
+    (["optimizer=looksam", "optimizer.sam.k=2.5"], "optimizer.sam.k must be an integer >= 1"),
+    (["optimizer=looksam", "optimizer.sam.alpha=-1"], "optimizer.sam.alpha must be a finite number >= 0"),
+    (["optimizer=looksam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by looksam"),
+    (["optimizer=looksam", "optimizer.sam.adaptive=true"], "adaptive=true is not implemented for the looksam variant"),
     (["optimizer=esam", "optimizer.sam.beta=0"], r"optimizer.sam.beta must be in \(0, 1\]"),
     (["optimizer=esam", "optimizer.sam.gamma=1.5"], r"optimizer.sam.gamma must be in \(0, 1\]"),
     (["optimizer=esam", "optimizer.sam.micro_batch_size=8"], "m-sharpness\\) is not supported by esam"),
@@ -448,6 +455,9 @@ def test_bad_variant_settings_are_refused_in_one_line(workdir, monkeypatch, over
     ("fsam", ["optimizer/base=adamw", "accumulate=2"],
      {"sam_variant": "fsam", "rho": 0.2, "fsam_sigma": 1.0, "fsam_lambda": 0.6, "accumulate": 2},
      "fsam(adamw) ρ=0.2 σ=1 λ=0.6"),
+    ("looksam", ["optimizer.sam.k=3", "accumulate=2"],
+     {"sam_variant": "looksam", "rho": 0.1, "looksam_k": 3, "looksam_alpha": 0.7, "gsam_alpha": None},
+     "looksam ρ=0.1 k=3 α=0.7"),
     ("esam", ["optimizer.sam.beta=0.5", "accumulate=2"],
      {"sam_variant": "esam", "rho": 0.05, "esam_beta": 0.5, "esam_gamma": 0.5, "fsam_sigma": None, "accumulate": 2},
      "esam ρ=0.05 β=0.5 γ=0.5"),
@@ -483,6 +493,7 @@ VARIANTS: dict[str, Callable[[nn.Module], SAM]] = {
     "gsam": lambda m: GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1, momentum=0.9),
     "sam_on": lambda m: SAMON(normalization_groups(m), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9),
     "fsam": lambda m: FSAM(m.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9),
+    "looksam": lambda m: LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=2, alpha=0.7, lr=0.1, momentum=0.9),
     # β = 1: compile=true refuses β < 1 (each draw a new graph); the selection (γ < 1) compiles
     "esam": lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.1, beta=1.0, gamma=0.5, lr=0.1, momentum=0.9),
 }
@@ -512,11 +523,15 @@ def test_compiled_variant_steps_agree_with_eager_ones(variant):
         torch._dynamo.reset()
 
 
-def test_sam_run_refuses_a_bad_variant_setting_with_exit_2_before_writing(workdir):
-    result = run_cli("sam-run", *TINY, "optimizer=gsam", "rho=0.01", "hydra.run.dir=refused", cwd=workdir)
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optimizer=gsam", "rho=0.01"], "optimizer.sam.rho_min must be in [0, rho=0.01]"),
+    (["optimizer=looksam", "optimizer.sam.micro_batch_size=8"], "is not supported by looksam"),
+])
+def test_sam_run_refuses_a_bad_variant_setting_with_exit_2_before_writing(workdir, overrides, message):
+    result = run_cli("sam-run", *TINY, *overrides, "hydra.run.dir=refused", cwd=workdir)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "optimizer.sam.rho_min must be in [0, rho=0.01]" in lines[0], result.stderr
+    assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (workdir / "refused").exists()
 
 

@@ -141,8 +141,8 @@ def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
     """What ran: `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05` (SGD is SAM's default base, so it is not spelt
     out); a plain optimizer (no rho) is its base optimizer, which is what steps (`optimizer=sgd
     optimizer/base=adamw` is `adamw`). A SAM variant adds its own hyper-parameters: GSAM's α (`gsam(adamw) α=0.4`),
-    F-SAM's σ and λ (`fsam σ=1 λ=0.6`) and, when ρ follows the lr schedule, `ρ∝lr` (with ρ_min when it is not 0);
-    ESAM's β and γ (`esam β=0.5 γ=0.5`)."""
+    F-SAM's σ and λ (`fsam σ=1 λ=0.6`), LookSAM's k and α (`looksam k=5 α=0.7`), ESAM's β and γ (`esam β=0.5
+    γ=0.5`) and, when ρ follows the lr schedule, `ρ∝lr` (with ρ_min when it is not 0)."""
     name = str(summary.get("optimizer") or "?")
     base = summary.get("base_optimizer")
     rho = finite(summary.get("rho"))
@@ -157,6 +157,9 @@ def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
     sigma, lmbda = finite(summary.get("fsam_sigma")), finite(summary.get("fsam_lambda"))
     if sigma is not None:
         label = f"{label} σ={sigma:g}" + (f" λ={lmbda:g}" if lmbda is not None else "")
+    k, look_alpha = finite(summary.get("looksam_k")), finite(summary.get("looksam_alpha"))
+    if k is not None:
+        label = f"{label} k={k:g}" + (f" α={look_alpha:g}" if look_alpha is not None else "")
     beta, gamma = finite(summary.get("esam_beta")), finite(summary.get("esam_gamma"))
     if beta is not None:
         label = f"{label} β={beta:g}" + (f" γ={gamma:g}" if gamma is not None else "")

@@ -22,7 +22,7 @@ from torch import nn
 
 from sam_runner.data import BatchStream, check_labels, infer_num_classes, materialize, seeded_subset
 from sam_runner.errors import ConfigError, DataError
-from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, normalization_groups
+from sam_runner.optim import ESAM, FSAM, GSAM, SAM, SAMON, USAM, LookSAM, normalization_groups
 from sam_runner.run.logbook import Stopwatch
 from sam_runner.run.measurement import measures_for, training_passes
 from sam_runner.run.plan import RunPlan, make_plan
@@ -199,7 +199,13 @@ def _warm_up(model: nn.Module, data: Data, autocast_dtype: torch.dtype | None, m
 
 ADAPTIVE_PARAMS = ("weights", "all")  # optimizer.sam.adaptive_params: which parameters ASAM's T rescales
 # optimizer.sam.variant (run/spec.py checks the name)
-SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM, "esam": ESAM}
+SAM_VARIANTS = {"sam": SAM, "usam": USAM, "gsam": GSAM, "sam_on": SAMON, "fsam": FSAM, "looksam": LookSAM,
+                "esam": ESAM}
+
+
+def _sam_every(sam: DictConfig) -> int:
+    """Every how many of its steps a SAM optimizer takes the two-pass step: LookSAM's k (one pass between), else 1."""
+    return sam.k if sam.get("variant") == "looksam" else 1
 
 
 def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, model_name: str = "custom"
@@ -221,6 +227,8 @@ def build_optimizer(node: DictConfig, rho: float, lr: float, model: nn.Module, m
             options["alpha"] = node.sam.alpha
         if variant == "fsam":
             options.update(sigma=node.sam.sigma, lmbda=node.sam.lmbda)
+        if variant == "looksam":
+            options.update(k=node.sam.k, alpha=node.sam.alpha)
         if variant == "esam":
             options.update(beta=node.sam.beta, gamma=node.sam.gamma)
             if node.sam.gamma < 1 and has_active_dropout(model):
@@ -344,7 +352,7 @@ def build_run(spec: RunSpec, team: Team, run_dir: Path, clock: Stopwatch, stop: 
                     micro_batch_size=micro_batch_size,
                     measures=measures_for(model, settings, data.sharpness, training_passes=training_passes(
                         plan.total_steps / plan.steps_per_epoch, data.train.num_samples,
-                        sam=0.0 if sam is None else 1 - plan.sam_start_step / plan.total_steps,
+                        sam=0.0 if sam is None else (1 - plan.sam_start_step / plan.total_steps) / _sam_every(sam),
                         every=settings.sharpness.every, every_steps=settings.sharpness.every_steps,
                         total_steps=plan.total_steps)),
                     clock=clock, stop=stop, team=team, run_dir=run_dir)

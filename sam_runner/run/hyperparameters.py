@@ -55,7 +55,7 @@ class HyperParameters:
     adaptive: Optional[bool] = _sam(lambda sam: bool(sam.adaptive))
     eta: Optional[float] = _asam(lambda sam: sam.eta)
     adaptive_params: Optional[str] = _asam(lambda sam: sam.get("adaptive_params", "all"))
-    # sam (and ASAM), usam, gsam, sam_on, fsam or esam
+    # sam (and ASAM), usam, gsam, sam_on, fsam, looksam or esam
     sam_variant: Optional[str] = _sam(lambda sam: sam.get("variant", "sam"))
     rho_schedule: Optional[str] = _sam(lambda sam: sam.get("rho_schedule", "constant"))  # constant or lr
     rho_min: Optional[float] = _derived(lambda spec: spec.sam.get("rho_min", 0.0) if spec.sam is not None and
@@ -63,6 +63,8 @@ class HyperParameters:
     gsam_alpha: Optional[float] = _variant("gsam", lambda sam: sam.alpha)
     fsam_sigma: Optional[float] = _variant("fsam", lambda sam: sam.sigma)
     fsam_lambda: Optional[float] = _variant("fsam", lambda sam: sam.lmbda)
+    looksam_k: Optional[int] = _variant("looksam", lambda sam: sam.k)
+    looksam_alpha: Optional[float] = _variant("looksam", lambda sam: sam.alpha)
     esam_beta: Optional[float] = _variant("esam", lambda sam: sam.beta)
     esam_gamma: Optional[float] = _variant("esam", lambda sam: sam.gamma)
     micro_batch_size: Optional[int] = _sam(lambda sam: sam.micro_batch_size)

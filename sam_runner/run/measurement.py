@@ -41,7 +41,7 @@ def measures_for(model: nn.Module, settings: Settings, batches: list[tuple[torch
 def training_passes(epochs: float, num_train: int, *, sam: float, every: int, every_steps: int | None = None,
                     total_steps: int = 0) -> float:
     """Forward and backward passes over single samples a run's budget trains (two a sample, four with SAM; `sam`:
-    the share of the steps that are SAM's, 1 or True for all, less with sam_start) per
+    the share of the steps that are SAM's two-pass ones, 1 or True for all, less with sam_start or LookSAM) per
     measurement it takes: one every `every` epochs (sharpness.every), one every `every_steps` of its `total_steps`
     (sharpness.every_steps), then one at step 0 too, and one at the end, so `auto` weighs each measurement against
     its share of the training."""

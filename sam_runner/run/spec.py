@@ -23,8 +23,8 @@ from sam_runner.errors import ConfigError, one_line
 if TYPE_CHECKING:  # torch is imported when a spec is made, not for the pre-flight's `validate`
     import torch
 
-# optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM, SAM-ON, Friendly SAM, Efficient SAM (docs/sam.md)
-SAM_VARIANTS = ("sam", "usam", "gsam", "sam_on", "fsam", "esam")
+# optimizer.sam.variant: SAM/ASAM, unnormalized SAM, GSAM, SAM-ON, Friendly SAM, LookSAM, Efficient SAM (docs/sam.md)
+SAM_VARIANTS = ("sam", "usam", "gsam", "sam_on", "fsam", "looksam", "esam")
 RHO_SCHEDULES = ("constant", "lr")  # optimizer.sam.rho_schedule (sam_runner.optim.RHO_SCHEDULES, torch-free here)
 
 # The values a string key may take (config.yaml explains each).
@@ -316,6 +316,15 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
         _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by fsam (got {m}): its "
                             f"EMA estimates the full gradient from one batch gradient per step; set "
                             f"optimizer.sam.micro_batch_size=null")
+    if variant == "looksam":
+        k, alpha = sam.get("k"), sam.get("alpha")
+        _require(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+                 f"optimizer.sam.k must be an integer >= 1 (got {k}): LookSAM takes SAM's step every k steps")
+        _require(_finite_non_negative(alpha), f"optimizer.sam.alpha must be a finite number >= 0 (got {alpha}): "
+                                              f"LookSAM's weight of the reused component g_v")
+        _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by looksam (got {m}): "
+                            f"it keeps one g_v per step, from the whole batch's gradients, and reuses it on the "
+                            f"one-pass steps; set optimizer.sam.micro_batch_size=null")
     if variant == "esam":
         _validate_esam(sam, top)
 

@@ -115,6 +115,10 @@ def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: st
         raise ConfigError("F-SAM with the local SAM mode is not supported: each process's gradient EMA would be its "
                           "own and the checkpoint keeps rank 0's only, so a resumed run would differ; use "
                           "ddp.sam_mode=global")
+    if sam_variant == "looksam" and sam_mode == "local":
+        raise ConfigError("LookSAM with the local SAM mode is not supported: each process's g_v would come from its "
+                          "own clean gradient against the all-reduced perturbed one, so the processes would step "
+                          "differently and the checkpoint keeps rank 0's only; use ddp.sam_mode=global")
     if sam_variant == "esam":
         raise ConfigError("ESAM does not run under DDP: its data selection ranks every sample's loss rise over the "
                           "global batch (an all-gather across processes not implemented), and SWP's tensors without "
