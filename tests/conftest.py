@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def run_in_process(workdir: Path, monkeypatch: pytest.MonkeyPatch, *overrides: s
     from sam_runner.run.experiment import run_experiment
     from sam_runner.run.status import FINISHED
 
+    _in_a_later_second(workdir / run_dir)
     cfg, choices = composed(workdir, monkeypatch, overrides)
     python, numpy = random.getstate(), np.random.get_state()
     try:
@@ -80,6 +82,20 @@ def run_in_process(workdir: Path, monkeypatch: pytest.MonkeyPatch, *overrides: s
         np.random.set_state(numpy)
     assert summary["status"] in FINISHED, summary.get("error")
     return workdir / run_dir
+
+
+_STARTED: dict[Path, int] = {}  # run directory -> the second an in-process run last started in it
+
+
+def _in_a_later_second(run_dir: Path) -> None:
+    """Wait, if need be, until a second later than the last in-process start in `run_dir`, as a real re-run (a new
+    process) starts: TensorBoard orders a run's event files by name — the second, then a per-process counter compared
+    as text (…pid.9 sorts after …pid.10) — so a killed run's and its re-run's files from one second and one process
+    can sort the wrong way round, and the re-run's purge of the killed run's later steps fails."""
+    key = run_dir.resolve()
+    while int(time.time()) == _STARTED.get(key):
+        time.sleep(0.05)
+    _STARTED[key] = int(time.time())
 
 
 def read_json(path: Path) -> dict:

@@ -472,11 +472,15 @@ def test_a_variant_runs_end_to_end_and_its_summary_records_it(workdir, monkeypat
     assert optimizer_label(summary, with_rho=True) == label
 
 
-def test_a_stopped_gsam_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Killed right after its checkpoint at step 6 (of 8, mid-epoch 2; ρ_t following the cosine lr), then re-run:
-    equal to the run never stopped, weights, optimizer state, metrics and summary."""
+@pytest.mark.parametrize("variant", [["optimizer=gsam", "optimizer.sam.alpha=0.4"], ["optimizer=usam"],
+                                     ["optimizer=sam_on", "model.norm=batch"]], ids=["gsam", "usam", "sam_on"])
+def test_a_stopped_variant_run_resumes_in_lock_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    variant: list[str]) -> None:
+    """Killed right after its checkpoint at step 6 (of 8, mid-epoch 2; GSAM's ρ_t following the cosine lr), then
+    re-run: equal to the run never stopped, weights, optimizer state, metrics and summary. (F-SAM, LookSAM and ESAM,
+    which keep state of their own, have theirs in their own test files.)"""
     assert_resumes_in_lock_step(tmp_path, monkeypatch, *(o for o in TINY if not o.startswith("model=")),
-                                "model=cnn1d", "optimizer=gsam", "optimizer.sam.alpha=0.4", "checkpoint.every_steps=2")
+                                "model=cnn1d", *variant, "checkpoint.every_steps=2")
 
 
 def test_a_rho_sweep_over_gsam_gives_one_label_per_radius():
