@@ -323,6 +323,7 @@ def test_a_run_refused_by_its_data_leaves_a_folder_that_was_there_as_it_was(work
     assert (workdir / "mine" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_sweep_job_refused_for_its_directory_ends_the_sweep_with_exit_2_and_leaves_it_out_of_the_table(
         workdir: Path) -> None:
     """Job 1's directory holds sam-run-like files but no run.json: not this sweep's run, so neither continued,

@@ -160,6 +160,7 @@ def test_a_non_editable_install_ships_every_config(tmp_path: Path) -> None:
     assert shipped == sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml"))
 
 
+@pytest.mark.slow
 def test_parallel_launcher_runs_a_sweep(workdir: Path) -> None:
     result = run_cli("sam-run", "-m", "hydra/launcher=parallel", *TINY, "epochs=1", "sharpness.measures=[]",
                      "optimizer=sam", "rho=0.01,0.1", "hydra.sweep.dir=outputs/parallel", cwd=workdir)

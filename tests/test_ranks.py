@@ -37,6 +37,7 @@ def torchrun(*args: str, cwd: Path, wait: bool = True) -> subprocess.CompletedPr
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_directory_with_the_weights_of_one_process(workdir: Path) -> None:
     two = torchrun(*EQUAL, "hydra.run.dir=two", cwd=workdir)
     assert two.returncode == 0, two.stderr
@@ -62,6 +63,7 @@ def test_two_processes_write_one_run_directory_with_the_weights_of_one_process(w
     assert len(ours["ranks"]) == 2 and theirs["ranks"] is None
 
 
+@pytest.mark.slow
 def test_a_preempted_two_process_run_continues_exactly_and_only_over_two_processes(workdir: Path) -> None:
     reference = torchrun(*RESUMABLE, "hydra.run.dir=ref", cwd=workdir)
     assert reference.returncode == 0, reference.stderr

@@ -124,6 +124,7 @@ def checkpointed_step(path: Path) -> tuple[int, int, int]:
     return progress["step"], progress["epoch"], progress["batch"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_at_random_moments_resumes_bitwise_equal(workdir: Path, reference: Path) -> None:
     """Two kills at random points of training (each a random few milliseconds after a checkpoint at a random
     step), then one right after the checkpoint that precedes the final measurement; then the same command."""
@@ -169,6 +170,7 @@ def test_a_stop_signal_checkpoints_at_a_step_and_the_rerun_continues_exactly(
     assert_same_run(workdir / "run", reference)
 
 
+@pytest.mark.slow
 def test_a_rerun_leaves_a_finished_run_refuses_another_config_and_starts_over_only_when_asked(workdir: Path) -> None:
     assert run_cli("sam-run", *TINY, "hydra.run.dir=run", cwd=workdir).returncode == 0
     written = {path: path.read_bytes() for path in (workdir / "run").rglob("*")
@@ -370,6 +372,7 @@ def test_a_run_killed_in_its_final_measurement_is_not_completed_and_the_rerun_me
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_a_preempted_sweep_prints_its_table_and_the_same_command_finishes_it(workdir: Path) -> None:
     """What a cluster's requeue does: the sweep is stopped (exit 75), then its command runs again."""
     command = ["-m", *RESUMABLE, "dataset.source.num_train=512", "epochs=2", "seed=0,1", "hydra.sweep.dir=sweep"]

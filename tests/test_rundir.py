@@ -55,6 +55,7 @@ def preempted(workdir: Path, run_dir: str, *overrides: str) -> None:
     assert process.returncode == 75, stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_before_any_record_changes(workdir: Path) -> None:
     """Two runs that differ only in the model's width: the wider one's checkpoint in the other's directory."""
     long = ["epochs=40", "checkpoint.every_steps=1"]
@@ -77,6 +78,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_record_changes(work
     assert len(read_json(workdir / "run" / "run.json")["resumes"]) == 1
 
 
+@pytest.mark.slow
 def test_a_directory_no_sam_run_wrote_is_refused_and_starting_over_keeps_the_users_files(workdir: Path) -> None:
     (workdir / "proj" / "checkpoints").mkdir(parents=True)
     (workdir / "proj" / "checkpoints" / "model_final.pt").write_text("x")
@@ -180,6 +182,7 @@ def test_a_run_continues_with_another_data_dir_holding_the_same_data(
     assert [line["epoch"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_of_the_same_model_is_refused_before_any_record_changes(workdir: Path) -> None:
     """The same network, another config (epochs): its checkpoint would load, and the run would go on as the other."""
     long = ["epochs=40", "checkpoint.every_steps=1"]

@@ -319,6 +319,7 @@ def test_fp16_m_sharpness_and_accumulation_train_their_base_steps_as_the_base_op
             assert state["scaler"] is not None and state["scaler"]["scale"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_switch_at_the_same_step_and_train_as_one(workdir: Path) -> None:
     """Under DDP (gloo, global mode) both ranks take base steps, then SAM steps, from the same step: the weights
     equal one process's (a rank switching alone would hang or diverge)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import read_json, run_cli
 from hydra import compose, initialize_config_dir
 
@@ -22,6 +23,7 @@ def test_the_grid_holds_sgd_and_every_sam_variant() -> None:
     assert grid.seed == "0,1,2" and cfg.model.norm == "batch"
 
 
+@pytest.mark.slow
 def test_the_study_trains_each_optimizer_and_reports_accuracy_against_cost(workdir: Path) -> None:
     optimizers = ["sgd", "sam", "sam_on", "looksam", "esam"]  # the plain one, SAM, and those with their own step
     swept = run_cli("sam-run", "-m", "experiment=sam_variants", f"optimizer={','.join(optimizers)}", *SMALL,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 from conftest import read_json, run_cli
 
 SMALL = ["model.hidden=[16]", "seed=0", "sharpness.options={max_iterations:20,trace_probes:10}"]  # one seed, small
@@ -15,6 +16,7 @@ CONTINUATION = ["-m", "experiment=sharpness_notions", *SMALL, "+continuation=gd,
                 "sharpness.every_steps=2"]
 
 
+@pytest.mark.slow
 def test_the_study_continues_every_algorithm_from_its_seeds_fit_and_reports_sharpness_over_training(
         workdir: Path) -> None:
     fit = run_cli("sam-run", *FIT, cwd=workdir)

@@ -40,6 +40,7 @@ def signal_jobs_once_checkpointed(sweep_dir: Path, signals: dict[int, signal.Sig
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_a_cancelled_one_continues_on_the_next_command(workdir: Path) -> None:
     command = [*LOCAL, *RESUMABLE, "epochs=2", "seed=0,1"]
     sweep = in_background(workdir, *command)
@@ -65,6 +66,7 @@ def test_a_preempted_job_is_requeued_and_a_cancelled_one_continues_on_the_next_c
     assert [line["epoch"] for line in metric_lines(cancelled)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_job_with_two_tasks_is_one_ddp_run(workdir: Path) -> None:
     result = run_cli("sam-run", *LOCAL, *TINY, "epochs=1", "optimizer=sam", "hydra.launcher.tasks_per_node=2",
                      "seed=0", cwd=workdir)
@@ -77,6 +79,7 @@ def test_a_job_with_two_tasks_is_one_ddp_run(workdir: Path) -> None:
     assert log.count("done (completed)") == 1, "rank 1 logs only warnings"
 
 
+@pytest.mark.slow
 def test_a_job_killed_without_a_result_ends_the_sweep_with_its_table_and_one_line(workdir: Path) -> None:
     command = [*LOCAL, *RESUMABLE, "dataset.source.num_train=512", "epochs=1", "seed=0"]
     sweep = in_background(workdir, *command)

@@ -89,6 +89,7 @@ def stopped_when(process: subprocess.Popen[str], ready: Callable[[], bool], stop
     return stdout, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
                                                              (signal.SIGINT, "interrupted", 130)])
 def test_a_stop_during_the_measurement_ends_the_run_at_once_and_the_rerun_measures_again(
@@ -132,6 +133,7 @@ def test_a_stop_during_start_up_is_one_line_with_its_exit_code_and_writes_nothin
     assert not (workdir / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_stop_anywhere_in_start_up_is_one_line_with_its_exit_code_and_writes_nothing(workdir: Path) -> None:
     """Signals at moments spread over the seconds of imports, pre-flight and Hydra's start (Hydra has made the run's
     directory and its log before the run claims it): raised into an import, a stop was swallowed (the run trained)
@@ -163,14 +165,17 @@ PARALLEL_SWEEP = ["-m", "hydra/launcher=parallel", *TINY, "sharpness.measures=[]
                   "checkpoint.every_steps=1", "seed=0,1", "hydra.sweep.dir=sweep"]
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["to-sam-run", "to-its-group"])
-@pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
-                                                             (signal.SIGINT, "interrupted", 130)])
+@pytest.mark.slow
+@pytest.mark.parametrize(("stop_signal", "status", "code", "to_group"), [
+    (signal.SIGTERM, "preempted", 75, False),  # `kill` of sam-run
+    (signal.SIGTERM, "preempted", 75, True),  # a scheduler's pre-emption of the whole job
+    (signal.SIGINT, "interrupted", 130, True),  # Ctrl-C in a terminal
+], ids=["sigterm-to-sam-run", "sigterm-to-its-group", "ctrl-c-to-its-group"])
 def test_a_stopped_parallel_sweep_records_every_job_stopped_and_says_so_in_one_line(
         workdir: Path, stop_signal: signal.Signals, status: str, code: int, to_group: bool) -> None:
-    """The signal to sam-run alone, or to its process group (Ctrl-C in a terminal) which holds joblib's workers:
-    each job stops after a step with a checkpoint, as a single run does, and sam-run prints the table and one line.
-    Raised in sam-run inside joblib, the stop had the workers killed, their jobs left `running`."""
+    """The signal to sam-run alone, or to its process group, which holds joblib's workers: each job stops after a
+    step with a checkpoint, as a single run does, and sam-run prints the table and one line. Raised in sam-run inside
+    joblib, the stop had the workers killed, their jobs left `running`."""
     process = subprocess.Popen([str(BIN / "sam-run"), *PARALLEL_SWEEP], cwd=workdir, start_new_session=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -325,6 +330,7 @@ def test_ctrl_c_in_sam_measure_is_one_line_and_adds_nothing(workdir: Path) -> No
     assert checksums(workdir / "run") == before
 
 
+@pytest.mark.slow
 def test_a_parallel_sweep_whose_sam_run_is_killed_stops_its_workers_and_the_command_continues_it(
         workdir: Path) -> None:
     """kill -9 of sam-run leaves joblib's workers without a parent: each job stops as if pre-empted (checkpoint,
@@ -357,6 +363,7 @@ def _job_dirs(workdir: Path) -> list[Path]:
     return sorted((workdir / "sweep").glob("[0-9]_*"))
 
 
+@pytest.mark.slow
 def test_a_parallel_sweep_s_jobs_stopped_before_they_start_leave_no_folder(workdir: Path) -> None:
     """Four jobs, two at a time: stopped while jobs 0 and 1 train, jobs 2 and 3 start only to stop before their run
     begins. They never started, so they leave nothing behind (they left a folder with Hydra's log and the lock)."""
@@ -395,6 +402,7 @@ SLOW_AFTER_THE_LAST_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stop_signal", "status", "code"), [(signal.SIGTERM, "preempted", 75),
                                                              (signal.SIGINT, "interrupted", 130)])
 def test_a_stop_after_a_parallel_sweep_s_last_job_still_prints_the_table(
@@ -417,6 +425,7 @@ def test_a_stop_after_a_parallel_sweep_s_last_job_still_prints_the_table(
     assert [read_json(job / "summary.json")["status"] for job in _job_dirs(workdir)] == ["completed", "completed"]
 
 
+@pytest.mark.slow
 def test_a_run_directory_held_by_sam_measure_is_refused_naming_sam_measure(workdir: Path) -> None:
     """sam-run started on a run that sam-measure is measuring: one line, exit 2, naming the tool that holds it (it
     said "in use by another sam-run")."""

@@ -6,6 +6,7 @@ import csv
 import re
 from pathlib import Path
 
+import pytest
 from conftest import read_json, run_cli
 
 # The preset with tiny data and model; the command line narrows its grid (hydra.sweeper.params) to 2 x 2 x 2.
@@ -15,6 +16,7 @@ TINY_STUDY = ["-m", "experiment=batch_size_gap", "dataset=synthetic", "dataset.s
               "sharpness.num_samples=128", "sharpness.batch_size=128"]
 
 
+@pytest.mark.slow
 def test_the_study_preset_runs_end_to_end_and_sam_report_writes_its_files(workdir: Path) -> None:
     result = run_cli("sam-run", *TINY_STUDY, "hydra.sweep.dir=outputs/study", cwd=workdir)
     assert result.returncode == 0, result.stderr
