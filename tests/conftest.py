@@ -28,10 +28,6 @@ TINY = ["dataset=synthetic", "dataset.source.num_train=256", "dataset.source.num
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `slow` tests first, in collection order otherwise: the two workers take one test at a time as they free
-    up (pyproject's addopts), so the long ones are spread over both at the start and none is left to run alone at the
-    end. Without a CUDA device, the `gpu` tests are skipped."""
-    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
