@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from sam_runner.cli.preflight import CONFIG_DIR
 from sam_runner.errors import ConfigError
 from sam_runner.optim import SAM
+from sam_runner.run import build
 from sam_runner.run.build import build_model, build_optimizer, build_scheduler
-from sam_runner.run.spec import Settings, validate
+from sam_runner.run.spec import SAM_VARIANTS, Settings, validate
 
 CONFIGS = Path(CONFIG_DIR)
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,14 @@ def test_plain_optimizers_have_no_rho_and_sam_rho_defaults_per_method() -> None:
     assert composed("optimizer=sam").rho == 0.05
     assert composed("optimizer=asam").rho == 1.0
     assert composed("optimizer=sam", "rho=0.2").rho == 0.2
+
+
+def test_every_sam_variant_the_spec_accepts_is_built_and_has_its_optimizer_config() -> None:
+    """run/spec.py's names (checked before torch is imported) are the ones run/build.py builds, and each has a config."""
+    assert list(build.SAM_VARIANTS) == list(SAM_VARIANTS)
+    configured = {OmegaConf.load(path).sam.get("variant") for path in (CONFIGS / "optimizer").glob("*.yaml")
+                  if OmegaConf.load(path).get("sam") is not None}
+    assert configured == set(SAM_VARIANTS)
 
 
 def test_experiment_overrides_the_top_level_defaults() -> None:

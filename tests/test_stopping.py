@@ -140,7 +140,7 @@ def test_a_stop_anywhere_in_start_up_is_one_line_with_its_exit_code_and_writes_n
     or left numpy half-imported. Every try must end in one line, 75 or 130, with no directory."""
     if not Path("/proc/self/status").is_file():
         pytest.skip("needs Linux's /proc to see when sam-run handles signals")
-    tries = 12
+    tries = 8
     for attempt in range(tries):
         stop_signal = (signal.SIGTERM, signal.SIGINT)[attempt % 2]
         process = in_background(workdir, *TINY, "epochs=1", f"hydra.run.dir=out/run{attempt}")
@@ -337,7 +337,7 @@ def test_a_parallel_sweep_whose_sam_run_is_killed_stops_its_workers_and_the_comm
     `preempted`) and its worker exits, instead of training on unseen; the same command then finishes the sweep."""
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs Linux's /proc to find the worker processes")
-    command = ["-m", "hydra/launcher=parallel", *TINY, "dataset.source.num_train=4096", "epochs=80",
+    command = ["-m", "hydra/launcher=parallel", *TINY, "dataset.source.num_train=2048", "epochs=80",
                "checkpoint.every_steps=10", "sharpness.measures=[]", "seed=0,1", "hydra.sweep.dir=sweep"]
     process = in_background(workdir, *command)
     deadline = time.monotonic() + 120
