@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, read_json, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -167,16 +166,6 @@ def test_a_non_editable_install_ships_every_config(tmp_path: Path) -> None:
     assert installed.is_relative_to(target)
     shipped = sorted(p.relative_to(installed) for p in installed.rglob("*.yaml"))
     assert shipped == sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml"))
-
-
-@pytest.mark.slow
-def test_parallel_launcher_runs_a_sweep(workdir: Path) -> None:
-    result = run_cli("sam-run", "-m", "hydra/launcher=parallel", *TINY, "epochs=1", "sharpness.measures=[]",
-                     "optimizer=sam", "rho=0.01,0.1", "hydra.sweep.dir=outputs/parallel", cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    summaries = [read_json(p) for p in sorted((workdir / "outputs" / "parallel").glob("*/summary.json"))]
-    assert sorted(s["rho"] for s in summaries) == [0.01, 0.1]
-    assert all(s["status"] == "completed" for s in summaries)
 
 
 @pytest.mark.parametrize("override", ["rho=inf", "lr=inf", "label_smoothing=-inf", "max_grad_norm=inf",

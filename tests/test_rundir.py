@@ -58,7 +58,7 @@ def preempted(workdir: Path, run_dir: str, *overrides: str) -> None:
 @pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_before_any_record_changes(workdir: Path) -> None:
     """Two runs that differ only in the model's width: the wider one's checkpoint in the other's directory."""
-    long = ["epochs=40", "checkpoint.every_steps=1"]
+    long = ["epochs=20", "checkpoint.every_steps=1"]
     assert run_cli("sam-run", *TINY, "epochs=1", "model.hidden=[120]", "hydra.run.dir=wide", cwd=workdir
                    ).returncode == 0
     preempted(workdir, "run", *long)
@@ -73,7 +73,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_record_changes(work
     shutil.copy(workdir / "own.pt", own)
     resumed = run_cli("sam-run", *TINY, *long, "hydra.run.dir=run", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
-    assert [line["epoch"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == list(range(1, 41))
+    assert [line["epoch"] for line in strict_lines(workdir / "run" / "metrics.jsonl")] == list(range(1, 21))
     assert read_json(workdir / "run" / "summary.json")["status"] == "completed"
     assert len(read_json(workdir / "run" / "run.json")["resumes"]) == 1
 

@@ -405,8 +405,8 @@ SLOW_AFTER_THE_LAST_JOB = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_stop_after_a_parallel_sweep_s_last_job_still_prints_the_table(workdir: Path) -> None:
     """Every job has ended when the stop (SIGTERM; Ctrl-C takes the same path, tested above during the jobs) lands:
-    the table is printed (every job completed), then the stopped sweep's one line and exit code (already so before
-    issue 17's last pass; kept by this test)."""
+    the table is printed (every job completed, each with the rho the launcher gave it), then the stopped sweep's one
+    line and exit code (already so before issue 17's last pass; kept by this test)."""
     stop_signal, status, code = signal.SIGTERM, "preempted", 75
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     (workdir / "hooks").mkdir()
@@ -414,14 +414,15 @@ def test_a_stop_after_a_parallel_sweep_s_last_job_still_prints_the_table(workdir
     mark = workdir / "launched"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LAUNCHED_MARK": str(mark), "PYTHONPATH": str(workdir / "hooks")}
     process = subprocess.Popen([str(BIN / "sam-run"), "-m", "hydra/launcher=parallel", *TINY, "epochs=1",
-                                "sharpness.measures=[]", "seed=0,1", "hydra.sweep.dir=sweep"], cwd=workdir, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "sharpness.measures=[]", "optimizer=sam", "rho=0.01,0.1", "hydra.sweep.dir=sweep"],
+                               cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = stopped_when(process, mark.exists, stop_signal, code, waiting_for="the jobs' results")
     assert stderr.strip().splitlines()[-1].startswith(f"sam-run: error: {status}: stopped by {stop_signal.name}"), \
         stderr
     table = stdout.split("sweep sweep (2 runs)")[-1]
     assert "sweep sweep (2 runs)" in stdout and table.count("completed") == 2, stdout
-    assert [read_json(job / "summary.json")["status"] for job in _job_dirs(workdir)] == ["completed", "completed"]
+    summaries = [read_json(job / "summary.json") for job in _job_dirs(workdir)]
+    assert [(s["status"], s["rho"]) for s in summaries] == [("completed", 0.01), ("completed", 0.1)]  # each its own
 
 
 @pytest.mark.slow
