@@ -80,22 +80,23 @@ def run_in_process(workdir: Path, monkeypatch: pytest.MonkeyPatch, *overrides: s
     finally:
         random.setstate(python)
         np.random.set_state(numpy)
+        _ENDED[(workdir / run_dir).resolve()] = int(time.time())
     assert summary["status"] in FINISHED, summary.get("error")
     return workdir / run_dir
 
 
-_STARTED: dict[Path, int] = {}  # run directory -> the second an in-process run last started in it
+_ENDED: dict[Path, int] = {}  # run directory -> the second the last in-process run there ended in (or was killed)
 
 
 def _in_a_later_second(run_dir: Path) -> None:
-    """Wait, if need be, until a second later than the last in-process start in `run_dir`, as a real re-run (a new
-    process) starts: TensorBoard orders a run's event files by name — the second, then a per-process counter compared
-    as text (…pid.9 sorts after …pid.10) — so a killed run's and its re-run's files from one second and one process
-    can sort the wrong way round, and the re-run's purge of the killed run's later steps fails."""
+    """Wait, if need be, until a second later than the one the last in-process run in `run_dir` ended in, as a real
+    re-run (a new process) starts: TensorBoard orders a run's event files by name — the second the writer was made,
+    then a per-process counter compared as text (…pid.9 sorts after …pid.10) — so a killed run's and its re-run's
+    files from one second and one process can sort the wrong way round, and the re-run's purge of the killed run's
+    later steps fails. (The killed run's writer is made after it starts, so the wait counts from its end.)"""
     key = run_dir.resolve()
-    while int(time.time()) == _STARTED.get(key):
+    while int(time.time()) == _ENDED.get(key):
         time.sleep(0.05)
-    _STARTED[key] = int(time.time())
 
 
 def read_json(path: Path) -> dict:
