@@ -167,9 +167,9 @@ def versus_cost(groups: list[Group], out_dir: Path, prefix: str, title: str) -> 
     """Test accuracy and the accuracy gap against training time per optimizer step, one point per group (mean ±
     std over seeds both ways): the cost each optimizer pays for what it gives. Time is relative to the plain
     optimizer's (no ρ) when the groups hold exactly one, in seconds otherwise."""
-    timed = [group for group in groups if summarize([run.seconds_per_step for run in group.completed]).mean]
+    timed = [group for group in groups if group.seconds_per_step().mean]
     plain = [group for group in timed if finite(group.settings["rho"]) is None]
-    unit = summarize([run.seconds_per_step for run in plain[0].completed]).mean if len(plain) == 1 else 1.0
+    unit = plain[0].seconds_per_step().mean if len(plain) == 1 else 1.0
     xlabel = (f"training time per step / {optimizer_label(plain[0].settings)}'s ({unit * 1e3:.3g} ms)"
               if len(plain) == 1 else "training seconds per optimizer step")
     labels = group_labels(timed)
@@ -177,11 +177,11 @@ def versus_cost(groups: list[Group], out_dir: Path, prefix: str, title: str) -> 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for axis, metric in zip(axes, ("test_acc", "gap_acc")):
         for index, (label, group) in enumerate(zip(labels, timed)):
-            cost = summarize([run.seconds_per_step / unit for run in group.completed])
+            cost = group.seconds_per_step()  # runs that lack their time are left out, not a TypeError
             value = summarize([run.get(metric) for run in group.completed])
             if value.mean is not None:
-                axis.errorbar(cost.mean, value.mean, xerr=cost.std or 0.0, yerr=value.std or 0.0, capsize=3,
-                              marker=MARKERS[index % len(MARKERS)], linestyle="none", color=colours[label],
+                axis.errorbar(cost.mean / unit, value.mean, xerr=(cost.std or 0.0) / unit, yerr=value.std or 0.0,
+                              capsize=3, marker=MARKERS[index % len(MARKERS)], linestyle="none", color=colours[label],
                               label=label)
         axis.set(xlabel=xlabel, ylabel=METRIC_TITLES[metric])
         axis.grid(alpha=0.3)

@@ -137,6 +137,11 @@ def measured_columns(runs: list[Run]) -> list[str]:
     return sorted({column for run in runs for column in run.sharpness}, key=column_order)
 
 
+# A SAM variant's own hyper-parameters in its label, in this order, each where summary.json records it (a number).
+VARIANT_LABELS = (("gsam_alpha", "α"), ("fsam_sigma", "σ"), ("fsam_lambda", "λ"), ("looksam_k", "k"),
+                  ("looksam_alpha", "α"), ("esam_beta", "β"), ("esam_gamma", "γ"))
+
+
 def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
     """What ran: `sam`, `sam(adamw)`, with `with_rho` `sam ρ=0.05` (SGD is SAM's default base, so it is not spelt
     out); a plain optimizer (no rho) is its base optimizer, which is what steps (`optimizer=sgd
@@ -151,18 +156,10 @@ def optimizer_label(summary: dict[str, Any], with_rho: bool = False) -> str:
     label = f"{name}({base})" if base not in (None, name, "sgd") else name
     if with_rho and rho is not None:
         label = f"{label} ρ={rho:g}"
-    alpha = finite(summary.get("gsam_alpha"))
-    if alpha is not None:
-        label = f"{label} α={alpha:g}"
-    sigma, lmbda = finite(summary.get("fsam_sigma")), finite(summary.get("fsam_lambda"))
-    if sigma is not None:
-        label = f"{label} σ={sigma:g}" + (f" λ={lmbda:g}" if lmbda is not None else "")
-    k, look_alpha = finite(summary.get("looksam_k")), finite(summary.get("looksam_alpha"))
-    if k is not None:
-        label = f"{label} k={k:g}" + (f" α={look_alpha:g}" if look_alpha is not None else "")
-    beta, gamma = finite(summary.get("esam_beta")), finite(summary.get("esam_gamma"))
-    if beta is not None:
-        label = f"{label} β={beta:g}" + (f" γ={gamma:g}" if gamma is not None else "")
+    for key, symbol in VARIANT_LABELS:
+        value = finite(summary.get(key))
+        if value is not None:
+            label = f"{label} {symbol}={value:g}"
     if summary.get("rho_schedule") == "lr":  # ρ follows the lr: ρ_min at lr 0 when it is not 0
         rho_min = finite(summary.get("rho_min"))
         label = f"{label} ρ∝lr" + (f" ρ_min={rho_min:g}" if rho_min else "")

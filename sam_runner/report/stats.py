@@ -80,8 +80,12 @@ class Group:
         reached = [run for run in completed if run.get("target_reached") is True]
         result |= {key: summarize([run.get(key) for run in reached]) for key in TARGET_METRICS}
         result["wall_time_s"] = summarize([run.get("wall_time_s") for run in completed])
-        result["train_s_per_step"] = summarize([run.seconds_per_step for run in completed])
+        result["train_s_per_step"] = self.seconds_per_step()
         return result
+
+    def seconds_per_step(self) -> Stat:
+        """Training seconds per optimizer step (`Run.seconds_per_step`) over the completed runs: the group's cost."""
+        return summarize([run.seconds_per_step for run in self.completed])
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

@@ -119,7 +119,7 @@ def _plots(runs: list[Run], groups: list[Group], found: list[Correlation], out_d
 def _compares_cost(groups: list[Group]) -> bool:
     """Whether the groups compare optimizers at one batch size, each with its training seconds per step: then
     accuracy and gap against that cost is the plot to choose an optimizer by."""
-    timed = [group for group in groups if group.statistics([])["train_s_per_step"].mean is not None]
+    timed = [group for group in groups if group.seconds_per_step().mean is not None]
     return (len({optimizer_label(group.settings, with_rho=True) for group in timed}) > 1
             and len({group.settings["batch_size"] for group in timed}) == 1)
 

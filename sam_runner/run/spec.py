@@ -127,9 +127,22 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _number(value: Any) -> bool:
+    """An int or a float, not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _finite_non_negative(value: Any) -> bool:
-    """A number (not a bool) that is finite and >= 0: a variant's weight (GSAM's alpha, F-SAM's sigma)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    """A number that is finite and >= 0: a variant's weight (GSAM's alpha, F-SAM's sigma, LookSAM's alpha)."""
+    return _number(value) and math.isfinite(value) and value >= 0
+
+
+# The variants whose step is defined on the whole batch only, and why: m-sharpness (micro_batch_size) is refused.
+WHOLE_BATCH_VARIANTS = {
+    "fsam": "its EMA estimates the full gradient from one batch gradient per step",
+    "looksam": "it keeps one g_v per step, from the whole batch's gradients, and reuses it on the one-pass steps",
+    "esam": "its data selection ranks the whole batch",
+}
 
 
 def _select(settings: Settings, key: str) -> Any:
@@ -311,38 +324,28 @@ def _validate_optimizer(cfg: DictConfig, top: Settings) -> None:
         sigma, lmbda = sam.get("sigma"), sam.get("lmbda")
         _require(_finite_non_negative(sigma), f"optimizer.sam.sigma must be a finite number >= 0 (got {sigma}): "
                                               f"F-SAM's weight of the gradient EMA subtracted from the gradient")
-        _require(isinstance(lmbda, (int, float)) and not isinstance(lmbda, bool) and 0 <= lmbda < 1,
+        _require(_number(lmbda) and 0 <= lmbda < 1,
                  f"optimizer.sam.lmbda must be in [0, 1) (got {lmbda}): the decay per step of F-SAM's gradient EMA")
-        _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by fsam (got {m}): its "
-                            f"EMA estimates the full gradient from one batch gradient per step; set "
-                            f"optimizer.sam.micro_batch_size=null")
     if variant == "looksam":
         k, alpha = sam.get("k"), sam.get("alpha")
         _require(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
                  f"optimizer.sam.k must be an integer >= 1 (got {k}): LookSAM takes SAM's step every k steps")
         _require(_finite_non_negative(alpha), f"optimizer.sam.alpha must be a finite number >= 0 (got {alpha}): "
                                               f"LookSAM's weight of the reused component g_v")
-        _require(m is None, f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by looksam (got {m}): "
-                            f"it keeps one g_v per step, from the whole batch's gradients, and reuses it on the "
-                            f"one-pass steps; set optimizer.sam.micro_batch_size=null")
     if variant == "esam":
-        _validate_esam(sam, top)
-
-
-def _validate_esam(sam: DictConfig, top: Settings) -> None:
-    """ESAM's shares β and γ, and what its step cannot do (docs/sam.md "ESAM")."""
-    for key, what in (("beta", "the share of parameter tensors SWP perturbs"),
-                      ("gamma", "the share of the batch SDS takes the perturbed pass on")):
-        share = sam.get(key)
-        _require(isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1,
-                 f"optimizer.sam.{key} must be in (0, 1] (got {share}): ESAM's {what}")
-    _require(sam.get("micro_batch_size") is None,
-             f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by esam (got {sam.micro_batch_size}): "
-             f"its data selection ranks the whole batch; set optimizer.sam.micro_batch_size=null")
-    _require(not (top.compile and sam.beta < 1),
-             f"compile=true with esam's beta < 1 (got {sam.beta}) is refused: each step's random set of tensors "
-             f"without a gradient is a new graph for torch.compile (a recompile per draw); set compile=false or "
-             f"optimizer.sam.beta=1")
+        for key, what in (("beta", "the share of parameter tensors SWP perturbs"),
+                          ("gamma", "the share of the batch SDS takes the perturbed pass on")):
+            share = sam.get(key)
+            _require(_number(share) and 0 < share <= 1,
+                     f"optimizer.sam.{key} must be in (0, 1] (got {share}): ESAM's {what}")
+    _require(m is None or variant not in WHOLE_BATCH_VARIANTS,
+             f"optimizer.sam.micro_batch_size (m-sharpness) is not supported by {variant} (got {m}): "
+             f"{WHOLE_BATCH_VARIANTS.get(variant)}; set optimizer.sam.micro_batch_size=null")
+    if variant == "esam":
+        _require(not (top.compile and sam.beta < 1),
+                 f"compile=true with esam's beta < 1 (got {sam.beta}) is refused: each step's random set of tensors "
+                 f"without a gradient is a new graph for torch.compile (a recompile per draw); set compile=false or "
+                 f"optimizer.sam.beta=1")
 
 
 # -- the run's spec ------------------------------------------------------------------------------------------------

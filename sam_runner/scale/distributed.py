@@ -84,6 +84,18 @@ def _world_from_env(device: torch.device, env: Mapping[str, str]) -> World:
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+# The SAM variants that run under DDP in the global SAM mode only: their name in messages, and why not local.
+GLOBAL_MODE_VARIANTS = {
+    "gsam": ("GSAM", "its decomposition takes each process's own clean gradient against the all-reduced perturbed "
+                     "one, so the processes' updates would differ"),
+    "fsam": ("F-SAM", "each process's gradient EMA would be its own and the checkpoint keeps rank 0's only, so a "
+                      "resumed run would differ"),
+    "looksam": ("LookSAM", "each process's g_v would come from its own clean gradient against the all-reduced "
+                           "perturbed one, so the processes would step differently and the checkpoint keeps rank 0's "
+                           "only"),
+}
+
+
 def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: str,
                 micro_batch_size: int | None = None, accumulate: int = 1, sync_batchnorm: bool = False,
                 compile: bool = False, sam_variant: str | None = None) -> None:
@@ -107,18 +119,9 @@ def check_setup(world: World, *, batch_size: int, num_samples: int, sam_mode: st
         raise ConfigError(f"the last batch of each epoch has {last} samples ({num_samples} mod batch_size="
                           f"{batch_size}), fewer than the {size} processes: pick a batch_size that leaves no "
                           f"remainder or one >= {size}, or use fewer processes")
-    if sam_variant == "gsam" and sam_mode == "local":
-        raise ConfigError("GSAM with the local SAM mode is not supported: its decomposition takes each process's own "
-                          "clean gradient against the all-reduced perturbed one, so the processes' updates would "
-                          "differ; use ddp.sam_mode=global")
-    if sam_variant == "fsam" and sam_mode == "local":
-        raise ConfigError("F-SAM with the local SAM mode is not supported: each process's gradient EMA would be its "
-                          "own and the checkpoint keeps rank 0's only, so a resumed run would differ; use "
-                          "ddp.sam_mode=global")
-    if sam_variant == "looksam" and sam_mode == "local":
-        raise ConfigError("LookSAM with the local SAM mode is not supported: each process's g_v would come from its "
-                          "own clean gradient against the all-reduced perturbed one, so the processes would step "
-                          "differently and the checkpoint keeps rank 0's only; use ddp.sam_mode=global")
+    if sam_mode == "local" and sam_variant in GLOBAL_MODE_VARIANTS:
+        name, why = GLOBAL_MODE_VARIANTS[sam_variant]
+        raise ConfigError(f"{name} with the local SAM mode is not supported: {why}; use ddp.sam_mode=global")
     if sam_variant == "esam":
         raise ConfigError("ESAM does not run under DDP: its data selection ranks every sample's loss rise over the "
                           "global batch (an all-gather across processes not implemented), and SWP's tensors without "
