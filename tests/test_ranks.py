@@ -118,3 +118,28 @@ def test_the_ranks_stop_on_what_they_agreed_not_on_a_signal_that_lands_after_the
     team = ranks.Team(World(rank=1, world_size=2))
     assert team.stop_requested(stop) is False, "agreed 0: this step goes on on every rank"
     assert team.stop_requested(stop) is True, "the next step's all-reduce carries it to every rank"
+
+
+# Rank 0 fails alone while rank 1 is busy elsewhere: rank 1 never reaches the barrier that settles the gloo group.
+ONE_RANK_FAILS = """
+import time
+import torch
+from sam_runner.scale import distributed
+distributed.SETTLE_WAIT_AFTER_ERROR_S = 1.0
+with distributed.process_group(torch.device("cpu")) as world:
+    if world.rank == 0:
+        raise RuntimeError("rank 0 failed alone")
+    time.sleep(120)
+"""
+
+
+def test_a_process_that_failed_alone_waits_only_briefly_for_the_others_before_it_exits(workdir: Path) -> None:
+    """The barrier that settles gloo before a process exits is bounded after an error: rank 0 exits and torchrun
+    stops the rank that never came (unbounded, rank 0 would wait until rank 1 woke, or gloo's 30-minute timeout)."""
+    script = workdir / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", str(script)], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "rank 0 failed alone" in result.stderr

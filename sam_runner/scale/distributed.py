@@ -10,7 +10,8 @@ the identity or plain `train_step`. docs/distributed.md has the why of each choi
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    control: dist.ProcessGroup | None = None  # the gloo group for decisions and stop flags (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -61,10 +63,48 @@ def process_group(device: torch.device) -> Iterator[World]:
     # env:// as torchrun intends: under its elastic agent every rank is a client of the agent's store
     dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.world_size,
                             device_id=world.device if backend == "nccl" else None)
+    # decisions and stop flags travel on gloo over the CPU: on nccl they would cost a device sync each (ranks.Team)
+    world = replace(world, control=dist.new_group(backend="gloo") if backend == "nccl" else None)
+    settled = False
     try:
         yield world
+    except BaseException:
+        settled = _settle(world.control, wait_s=SETTLE_WAIT_AFTER_ERROR_S)
+        raise
+    else:
+        settled = _settle(world.control, wait_s=None)
     finally:
-        dist.destroy_process_group()
+        if settled:  # else a process never came to the last barrier: leaving the group would wait for it, exiting won't
+            dist.destroy_process_group()
+
+
+# The barriers that settled the gloo group at the end of a run, kept for the life of the process: see _settle.
+_SETTLED: list[dist.Work] = []
+SETTLE_WAIT_AFTER_ERROR_S = 10.0  # s; a process that raised waits this long for the others at the last barrier
+
+
+def _settle(group: dist.ProcessGroup | None, *, wait_s: float | None) -> bool:
+    """A last barrier on the gloo `group` (None: the default group), so that no gloo worker thread frees a tensor
+    once this process has begun to exit; whether every process came to it (within `wait_s` seconds; None: as long
+    as it takes, since every process ends normally).
+
+    Why: a gloo worker thread lets go of a finished collective (freeing the tensors only it still holds, which
+    takes the GIL) a moment after the caller has moved on. Should the interpreter be shutting down by then, the
+    thread is killed inside a destructor and the process aborts (SIGABRT, "terminate called without an active
+    exception"): torchrun reports a run that completed as failed. A barrier snapshots, under gloo's queue lock,
+    the collectives still in flight (any other is freed already) and defers their freeing to its own; kept in
+    _SETTLED, it is freed by the main thread at exit, which holds the GIL.
+    """
+    try:
+        barrier = dist.barrier(group, async_op=True)
+        _SETTLED.append(barrier)
+        if wait_s is None:
+            barrier.wait()
+        else:
+            barrier.wait(timedelta(seconds=wait_s))
+    except RuntimeError:  # a process failed or is stuck elsewhere
+        return False
+    return True
 
 
 def _world_from_env(device: torch.device, env: Mapping[str, str]) -> World:

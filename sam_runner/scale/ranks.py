@@ -35,9 +35,6 @@ class Team:
 
     def __init__(self, world: World) -> None:
         self.world = world
-        # Decisions and stop flags travel on gloo over the CPU: on nccl they would cost a device sync each.
-        self._control = dist.new_group(backend="gloo") if world.is_distributed and world.device.type == "cuda" \
-            else None
 
     @property
     def device(self) -> torch.device:
@@ -54,9 +51,9 @@ class Team:
             except BaseException as error:
                 outcome[0] = ("error", error if isinstance(error, SamRunnerError) else
                               SamRunnerError(f"rank 0 failed: {describe_unforeseen(error)}"))
-                dist.broadcast_object_list(outcome, src=0, group=self._control)
+                dist.broadcast_object_list(outcome, src=0, group=self.world.control)
                 raise
-        dist.broadcast_object_list(outcome, src=0, group=self._control)
+        dist.broadcast_object_list(outcome, src=0, group=self.world.control)
         kind, value = outcome[0]
         if kind == "error":
             raise value
@@ -81,7 +78,7 @@ class Team:
         if not self.world.is_distributed:
             return stop.requested
         received = torch.tensor([stop.signal or 0])
-        dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._control)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self.world.control)
         agreed = int(received.item())
         if agreed and not stop.requested:
             stop.take(agreed)
@@ -117,7 +114,7 @@ class Team:
         if not self.world.is_distributed:
             return None
         parts: list[Any] | None = [None] * self.world.world_size if self.world.is_main else None
-        dist.gather_object(part, parts, dst=0, group=self._control)
+        dist.gather_object(part, parts, dst=0, group=self.world.control)
         return parts
 
     def logbook(self, run_dir: Path, hparams: dict[str, Any], **options: Any) -> Logbook | SilentLogbook:
