@@ -143,7 +143,8 @@ def test_a_stop_anywhere_in_start_up_is_one_line_with_its_exit_code_and_writes_n
     tries = 8
     for attempt in range(tries):
         stop_signal = (signal.SIGTERM, signal.SIGINT)[attempt % 2]
-        process = in_background(workdir, *TINY, "epochs=1", f"hydra.run.dir=out/run{attempt}")
+        # 2000 epochs (~17 s of training here): no try can complete before its signal, and a lost stop shows
+        process = in_background(workdir, *TINY, "epochs=2000", f"hydra.run.dir=out/run{attempt}")
         deadline = time.monotonic() + 60
         while not handles(process, signal.SIGTERM):
             assert process.poll() is None and time.monotonic() < deadline, "sam-run never handled SIGTERM"
