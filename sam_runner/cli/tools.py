@@ -21,10 +21,10 @@ def measure_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # the summary is written only once a measurement is complete: a stop before leaves nothing to undo, and from then
     # on stops are ignored (the measurement is recorded whole, and the command says so)
-    with one_line_errors("sam-measure", interrupted="nothing was added to the run's summary.json"):
-        from sam_runner.report.remeasure import measure_checkpoint  # torch: seconds, so inside the stop handling
-        from sam_runner.run.stopping import ignore_stops
-
+    with one_line_errors("sam-measure", interrupted="nothing was added to the run's summary.json") as importing:
+        with importing():  # torch: seconds
+            from sam_runner.report.remeasure import measure_checkpoint
+            from sam_runner.run.stopping import ignore_stops
         result = measure_checkpoint(args.run_dir, checkpoint_path=args.checkpoint, measures=args.measures,
                                     rho=args.rho, num_samples=args.num_samples, device=args.device,
                                     before_writing=ignore_stops)
@@ -62,9 +62,10 @@ def landscape_main(argv: list[str] | None = None) -> None:
     given = {"span": args.range, "points": args.points, "bn_stats": args.bn_stats}
     options = {"seed": args.seed, "num_samples": args.num_samples, "device": args.device,
                **{key: value for key, value in given.items() if value is not None}}
-    with one_line_errors("sam-landscape", interrupted="the runs are as they were; the pictures are not finished"):
-        from sam_runner.report import landscape  # torch: seconds, so inside the Ctrl-C handling
-
+    with one_line_errors("sam-landscape", interrupted="the runs are as they were; the pictures are not finished") \
+            as importing:
+        with importing():  # torch: seconds
+            from sam_runner.report import landscape
         if args.interpolate:
             paths = landscape.interpolation(*args.runs, args.out, **options)
         else:
@@ -83,10 +84,10 @@ def report_main(argv: list[str] | None = None) -> None:
                         help="skip the flatness pictures of a small/large-batch pair (they read checkpoints)")
     args = parser.parse_args(argv)
     warnings_in_one_line("sam-report")  # e.g. a flatness picture skipped over a corrupt checkpoint
-    with one_line_errors("sam-report", interrupted="the runs are as they were; the report is not finished"):
-        from sam_runner.report.runs import ReportError  # imported here so `sam-report --help` stays fast
-        from sam_runner.report.writer import write_report
-
+    with one_line_errors("sam-report", interrupted="the runs are as they were; the report is not finished") as importing:
+        with importing():  # here, so that `sam-report --help` stays fast
+            from sam_runner.report.runs import ReportError
+            from sam_runner.report.writer import write_report
         try:
             report = write_report(args.paths, args.out, pictures=not args.no_pictures)
         except ReportError as error:  # one line for each path that holds no run

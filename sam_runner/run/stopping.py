@@ -18,7 +18,8 @@ sweep's sam-run hands a stop on to its jobs' processes (`hand_stops_on`, scale/p
 single run does (`request_stop`).
 
 The tools that read runs (sam-measure, sam-report, sam-landscape) have no checkpoint to write: there SIGTERM, SIGUSR1
-and SIGUSR2 raise `ToolStopped` as Ctrl-C raises KeyboardInterrupt (`stops_raised`), one line and exit 75.
+and SIGUSR2 raise `ToolStopped` as Ctrl-C raises KeyboardInterrupt (`stops_raised`), one line and exit 75; while they
+import what they work with, a stop ends them at once with the same line (`stops_end_at_once`).
 """
 
 from __future__ import annotations
@@ -228,15 +229,38 @@ def _raise_tool_stopped(number: int, frame: FrameType | None) -> None:
 def stops_raised() -> Iterator[None]:
     """While a tool works: SIGTERM, SIGUSR1 and SIGUSR2 raise `ToolStopped` (the default action ends the process
     without a word, 143). The previous handlers are back once it ends, before the tool says why it stopped."""
+    with _handled_by(_raise_tool_stopped, PREEMPTING):
+        yield
+
+
+@contextmanager
+def stops_end_at_once(line: Callable[[signal.Signals], tuple[str, int]]) -> Iterator[None]:
+    """While a tool imports what it works with: a stop, Ctrl-C included, ends the process from the signal handler,
+    printing the line and exiting with the code that `line(signal)` gives. Raised into those imports instead,
+    KeyboardInterrupt was swallowed by numpy's, and the tool went on as if it had never been stopped."""
+
+    def end(number: int, frame: FrameType | None) -> None:
+        text, code = line(signal.Signals(number))
+        os.write(2, f"{text}\n".encode())  # not through sys.stderr, which the interrupted code may be writing
+        os._exit(code)
+
+    with _handled_by(end, (signal.SIGINT, *PREEMPTING)):
+        yield
+
+
+@contextmanager
+def _handled_by(handler: Callable[[int, FrameType | None], None], numbers: tuple[int, ...]) -> Iterator[None]:
+    """`handler` for the signals `numbers` in the body, the previous handlers afterwards; in the main thread only
+    (no other can set one)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.signal(number, _raise_tool_stopped) for number in PREEMPTING}
+    previous = {number: signal.signal(number, handler) for number in numbers}
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, before in previous.items():
+            signal.signal(number, before)
 
 
 def ignore_stops() -> None:
