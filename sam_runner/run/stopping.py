@@ -133,17 +133,23 @@ def _stop_outside_runs(number: int, frame: FrameType | None) -> None:
 
 
 def _end_at_once(received: signal.Signals) -> None:
-    """End the process from the signal handler: nothing can swallow os._exit. Nothing of a run exists yet; what the
-    command created (an empty run directory Hydra made) goes. The line is written to the file descriptor, not
-    through sys.stderr, which the interrupted code may be in the middle of writing."""
+    """End the process from the signal handler. Nothing of a run exists yet; what the command created (an empty run
+    directory Hydra made) goes."""
     for undo in _outside.undo:
         try:
             undo()
         except Exception:  # noqa: BLE001 - the stop matters more than a leftover folder
             pass
     stopped = _stopped_outside_runs(received)
-    os.write(2, f"{_outside.program}: error: {stopped.status}: {stopped}\n".encode())
-    os._exit(stopped.exit_code)
+    _exit_saying(f"{_outside.program}: error: {stopped.status}: {stopped}", stopped.exit_code)
+
+
+def _exit_saying(line: str, code: int) -> None:
+    """Write `line` and end the process with `code`, from a signal handler: nothing can swallow os._exit. The line
+    goes to the file descriptor, not through sys.stderr, which the interrupted code may be in the middle of
+    writing."""
+    os.write(2, f"{line}\n".encode())
+    os._exit(code)
 
 
 def _install_outside_handler() -> None:
@@ -237,12 +243,10 @@ def stops_raised() -> Iterator[None]:
 def stops_end_at_once(line: Callable[[signal.Signals], tuple[str, int]]) -> Iterator[None]:
     """While a tool imports what it works with: a stop, Ctrl-C included, ends the process from the signal handler,
     printing the line and exiting with the code that `line(signal)` gives. Raised into those imports instead,
-    KeyboardInterrupt was swallowed by numpy's, and the tool went on as if it had never been stopped."""
+    KeyboardInterrupt was swallowed by torch's import of numpy, and the tool went on as if never stopped."""
 
     def end(number: int, frame: FrameType | None) -> None:
-        text, code = line(signal.Signals(number))
-        os.write(2, f"{text}\n".encode())  # not through sys.stderr, which the interrupted code may be writing
-        os._exit(code)
+        _exit_saying(*line(signal.Signals(number)))
 
     with _handled_by(end, (signal.SIGINT, *PREEMPTING)):
         yield
